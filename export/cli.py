@@ -1,0 +1,46 @@
+"""`imagen-export`: a thin click command over `imagen.export.bundle.export_bundle`."""
+
+import sys
+
+import click
+
+from .bundle import export_bundle
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", required=True, type=click.Path(), help="A run directory of imagen-train, or a MinImagen "
+              "training directory.")
+@click.option("--out", default="bundle", show_default=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--fp16", is_flag=True, help="FP16 Unets (FP32 inputs and outputs); the T5 encoder stays FP32.")
+@click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
+@click.option("--weights", type=click.Choice(["latest", "best", "ema"]), default="latest", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Largest number of images per call (Unets see twice this: cond + uncond).")
+@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
+@click.option("--text-encoder", type=click.Path(), default=None,
+              help="Local T5 folder (needed for MinImagen directories).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle; also write one that fails parity.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, force, quiet, debug):
+    """Export a trained cascade to an ONNX bundle (and TensorRT engines)."""
+
+    def report(message):
+        if not quiet:
+            click.echo(message, err=True)
+
+    try:
+        export_bundle(ckpt, out, fp16=fp16, tensorrt=tensorrt, weights=weights, max_batch=max_batch, opset=opset,
+                      text_encoder=text_encoder, force=force, report=report)
+    except KeyboardInterrupt:
+        click.echo("imagen-export: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as error:  # every failure gets one line; --debug shows the traceback
+        if debug:
+            raise
+        click.echo(f"imagen-export: error: {error}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

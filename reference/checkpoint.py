@@ -1,0 +1,246 @@
+"""Run directories: what `imagen-train` writes and `imagen-export` reads.
+
+```
+run/
+  config.json                 cascade, Unets, text encoder and training settings
+  text_encoder/               T5 weights (safetensors), config, tokenizer settings
+  checkpoints/latest          name of the newest complete checkpoint (replaced atomically)
+  checkpoints/step_000200/    model.safetensors, ema.safetensors, optimizer.safetensors, state.json
+  best.safetensors            weights with the lowest validation loss (step and loss in its metadata)
+  log.jsonl  samples/
+```
+
+A checkpoint folder is staged under a temporary name and renamed when complete, then
+`latest` is switched to it, so a killed process leaves the previous checkpoint intact.
+MinImagen training directories (`parameters/*.json`, `state_dicts/*.pth`, `tmp/*.pth`)
+load too; their `.pth` files are read with `weights_only=True` only.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .imagen import Imagen, ImagenConfig
+from .text_encoder import TextEncoder, TextEncoderError
+from .unet import UnetConfig
+
+RUN_FORMAT, RUN_FORMAT_VERSION = "imagen-run", 1
+WEIGHT_KINDS = ("latest", "best", "ema")
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be read; the message names the file and the fix."""
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Writes `data` to a temporary file beside `path` and renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Run:
+    """A loaded run: the cascade with chosen weights, its text encoder and its config."""
+
+    imagen: Imagen
+    text_encoder: TextEncoder
+    config: dict
+    path: Path
+    weights: str
+
+
+def run_config(imagen: Imagen, text_encoder: TextEncoder, train: dict | None = None) -> dict:
+    return {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "imagen": imagen.config.to_dict(),
+        "unets": [unet.config.to_dict() for unet in imagen.unets],
+        "text_encoder": {"path": "text_encoder", "kind": text_encoder.tokenizer.kind,
+                         "max_length": text_encoder.max_length, "embed_dim": text_encoder.embed_dim},
+        "train": train or {},
+    }
+
+
+def build_imagen(config: dict) -> Imagen:
+    unets = [UnetConfig.from_dict(u) for u in config["unets"]]
+    return Imagen(unets, ImagenConfig.from_dict(config["imagen"]), config["text_encoder"]["embed_dim"])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"{pointer} names {folder.name}, which is missing; delete {pointer} to start over")
+    return folder
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict], state: dict, keep: int = 2) -> Path:
+    """Writes checkpoints/step_N/ (one safetensors file per entry of `tensors`, state.json), then
+    points `latest` at it and prunes all but the newest `keep` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    staging = root / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for file, entries in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in entries.items()}, staging / f"{file}.safetensors")
+    (staging / "state.json").write_text(json.dumps(state, indent=2))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    write_atomic(root / "latest", name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Removes what a killed process left half-written (staging folders, temporary files)."""
+    run_dir = Path(run_dir)
+    for pattern in ("checkpoints/.*.partial", "*.partial", ".*.tmp", "checkpoints/.*.tmp"):
+        for leftover in run_dir.glob(pattern):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def load_run(run_dir: str | Path, weights: str = "latest") -> Run:
+    """Loads a run directory of this project, or a MinImagen training directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; pass the --out folder of imagen-train")
+    if (run_dir / "parameters").is_dir() and not (run_dir / "config.json").exists():
+        raise CheckpointError(f"{run_dir} is a MinImagen training directory; load it with load_minimagen_run "
+                              "(imagen-export does this) and pass --text-encoder PATH to its T5 folder")
+    if weights not in WEIGHT_KINDS:
+        raise CheckpointError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_KINDS)}")
+    config_file = run_dir / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {config_file}: {error}") from error
+    if config.get("format") != RUN_FORMAT or config.get("format_version") != RUN_FORMAT_VERSION:
+        raise CheckpointError(f"{config_file} is not an {RUN_FORMAT} v{RUN_FORMAT_VERSION} config")
+    imagen = build_imagen(config)
+    text_encoder = TextEncoder.from_folder(run_dir / config["text_encoder"]["path"])
+    if weights == "best":
+        file = run_dir / "best.safetensors"
+    else:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first (imagen-train --out {run_dir})")
+        file = checkpoint / ("model.safetensors" if weights == "latest" else "ema.safetensors")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; choose other --weights ({', '.join(WEIGHT_KINDS)})")
+    load_weights(imagen, file)
+    return Run(imagen, text_encoder, config, run_dir, weights)
+
+
+def load_weights(imagen: Imagen, file: Path) -> None:
+    try:
+        state = load_file(str(file))
+    except Exception as error:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"cannot read weights {file}: {error}") from error
+    missing, unexpected = imagen.unets.load_state_dict(_strip(state, "unets."), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not fit the cascade in config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_pth(path: Path) -> dict:
+    """A MinImagen state dict, read with weights_only=True; anything needing pickle is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"refusing to load {path}: it is not a plain tensor state dict that loads with "
+                              f"weights_only=True ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                              "re-save it as a state_dict of tensors") from error
+
+
+def load_minimagen_run(run_dir: str | Path, text_encoder: str | Path | None) -> Run:
+    """Loads a MinImagen training directory: parameters/unet_N_params_*.json,
+    parameters/imagen_params_*.json, weights from state_dicts/unet_N_*.pth (or tmp/unet_N_tmp.pth)."""
+    run_dir = Path(run_dir)
+    params = run_dir / "parameters"
+    imagen_files = sorted(params.glob("imagen_params_*.json"))
+    if not imagen_files:
+        raise CheckpointError(f"{params} has no imagen_params_*.json; is {run_dir} a MinImagen training directory?")
+    imagen_params = json.loads(imagen_files[-1].read_text())
+    unet_files = sorted(params.glob("unet_*_params_*.json"), key=lambda p: int(p.name.split("_")[1]))
+    if text_encoder is None:
+        raise CheckpointError(f"{run_dir} was trained with T5 {imagen_params.get('text_encoder_name', '?')!r}; "
+                              "pass --text-encoder PATH to a local folder with that T5 (config.json, weights, "
+                              "spiece.model)")
+    try:
+        encoder = TextEncoder.from_folder(text_encoder, max_length=256)
+    except TextEncoderError as error:
+        raise CheckpointError(str(error)) from error
+    image_sizes = tuple(imagen_params["image_sizes"])
+    config = ImagenConfig(
+        image_sizes=image_sizes,
+        timesteps=imagen_params.get("timesteps", 1000),
+        cond_drop_prob=imagen_params.get("cond_drop_prob", 0.1),
+        lowres_sample_noise_level=imagen_params.get("lowres_sample_noise_level", 0.2),
+        dynamic_thresholding_percentile=imagen_params.get("dynamic_thresholding_percentile", 0.9),
+    )
+    unets = []
+    for file in unet_files:
+        d = json.loads(file.read_text())
+        unets.append(UnetConfig.from_dict({**d, "max_text_len": 256}))
+    imagen = Imagen(unets, config, encoder.embed_dim)
+    for index, unet in enumerate(imagen.unets):
+        pth = _minimagen_weights(run_dir, index)
+        state = read_pth(pth)
+        try:
+            unet.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"{pth} does not fit unet {index} of {params}: {str(error)[:300]}") from error
+    config_dict = run_config(imagen, encoder)
+    return Run(imagen, encoder, config_dict, run_dir, "minimagen")
+
+
+def _minimagen_weights(run_dir: Path, index: int) -> Path:
+    best = sorted((run_dir / "state_dicts").glob(f"unet_{index}_*.pth"))
+    if best:
+        # MinImagen names them unet_N_state_<timestamp>.pth; the newest is the best so far.
+        return max(best, key=lambda p: re.sub(r"\D", "", p.stem))
+    tmp = run_dir / "tmp" / f"unet_{index}_tmp.pth"
+    if tmp.is_file():
+        return tmp
+    raise CheckpointError(f"no weights for unet {index} in {run_dir}/state_dicts or {run_dir}/tmp; "
+                          "train it first")

@@ -1,0 +1,298 @@
+"""Training the cascade: `train(TrainConfig)` is what `imagen-train` runs.
+
+Every random choice of step s (the batch, t, noise, dropped captions) is drawn from
+generators seeded with (seed, s), so `--resume` continues exactly where an uninterrupted
+run would be. Ctrl-C writes a checkpoint of the last finished step before it stops.
+"""
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import (
+    CheckpointError,
+    build_imagen,
+    clean_partial,
+    latest_checkpoint,
+    run_config,
+    save_checkpoint,
+    save_safetensors_atomic,
+    write_atomic,
+)
+from .data import FolderData, ShapesData, draw_batch, make_dataset
+from .imagen import Imagen, ImagenConfig
+from .text_encoder import TextEncoder
+from .unet import UnetConfig, preset_config
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C once the last finished step is saved."""
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    dataset: str = "shapes"
+    unets: tuple = ("BaseTest", "SuperTest")  # preset names or JSON files of Unet parameters
+    unet_overrides: dict = field(default_factory=dict)  # applied to every Unet, e.g. {"dim": 32}
+    image_sizes: tuple = (32, 64)
+    timesteps: int = 1000
+    schedule: str = "linear"
+    batch_size: int = 16
+    steps: int = 1000
+    epochs: float | None = None
+    lr: float = 1e-4
+    cond_drop_prob: float = 0.1
+    guidance_scale: float = 5.0
+    text_encoder: str = "tiny"  # 'tiny' (offline byte-level T5) or a local T5 folder
+    max_length: int = 64
+    train_unets: tuple | None = None  # indices; None trains all
+    ema_decay: float = 0.999
+    grad_accum: int = 1
+    val_every: int = 200
+    val_batches: int = 2
+    checkpoint_every: int = 200
+    sample_every: int | None = None  # defaults to checkpoint_every; 0 turns samples off
+    sample_prompts: tuple = ("a small red circle on the left", "a large blue square in the middle",
+                             "a small green triangle at the top", "a large yellow circle on the right")
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
+    force: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check(config: TrainConfig) -> None:
+    def positive(name, value):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    for name in ("batch_size", "steps", "grad_accum", "val_every", "checkpoint_every", "max_length"):
+        positive(name, getattr(config, name))
+    if not 0 <= config.cond_drop_prob < 1:
+        raise ValueError(f"cond_drop_prob must be in [0, 1), got {config.cond_drop_prob}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ValueError(f"lr must be a positive number, got {config.lr}")
+    if len(config.unets) != len(config.image_sizes):
+        raise ValueError(f"{len(config.unets)} Unets but {len(config.image_sizes)} image sizes")
+
+
+def _unet_config(spec: str, overrides: dict, max_length: int) -> UnetConfig:
+    if spec.endswith(".json"):
+        try:
+            params = json.loads(Path(spec).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read Unet parameters {spec}: {error}") from error
+        config = UnetConfig.from_dict(params)
+        return dataclasses.replace(config, **overrides, max_text_len=max_length)
+    return preset_config(spec, **{**overrides, "max_text_len": max_length})
+
+
+class EmbeddingCache:
+    """Text embeddings per caption: the encoder is frozen, so each caption is encoded once."""
+
+    def __init__(self, encoder: TextEncoder, limit: int = 50_000):
+        self.encoder, self.limit, self.cache = encoder, limit, {}
+
+    def __call__(self, captions: list[str]):
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        if missing:
+            embeds, mask = self.encoder.encode(missing)
+            if len(self.cache) + len(missing) > self.limit:
+                self.cache.clear()
+            self.cache.update({c: (e, m) for c, e, m in zip(missing, embeds, mask)})
+        return (torch.stack([self.cache[c][0] for c in captions]),
+                torch.stack([self.cache[c][1] for c in captions]))
+
+
+def _prepare_run(config: TrainConfig) -> tuple[Imagen, TextEncoder, dict, Path]:
+    out = Path(config.out)
+    if config.resume:
+        if not (out / "config.json").is_file():
+            raise CheckpointError(f"nothing to resume in {out}: no config.json; drop --resume to start a run")
+        clean_partial(out)
+        run = json.loads((out / "config.json").read_text())
+        return build_imagen(run), TextEncoder.from_folder(out / "text_encoder"), run, out
+    if out.exists() and any(out.iterdir()):
+        if not config.force:
+            raise CheckpointError(f"{out} already exists and is not empty; pass --resume to continue it "
+                                  "or --force to start over (deleting it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.text_encoder == "tiny":
+        encoder = TextEncoder.tiny(seed=config.seed, max_length=config.max_length)
+    else:
+        encoder = TextEncoder.from_folder(config.text_encoder, max_length=config.max_length)
+    unets = [_unet_config(spec, config.unet_overrides, encoder.max_length) for spec in config.unets]
+    cascade = ImagenConfig(image_sizes=tuple(config.image_sizes), timesteps=config.timesteps,
+                           schedule=config.schedule, cond_drop_prob=config.cond_drop_prob,
+                           guidance_scale=config.guidance_scale)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        imagen = Imagen(unets, cascade, encoder.embed_dim)
+    encoder.save(out / "text_encoder")
+    run = run_config(imagen, encoder, config.to_dict())
+    write_atomic(out / "config.json", json.dumps(run, indent=2))
+    return imagen, encoder, run, out
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Adam state as flat tensors (safetensors) plus its JSON-able settings."""
+    state = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, settings: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": settings["param_groups"]})
+
+
+def _validation_loss(imagen: Imagen, data, embed, config: TrainConfig, trained: list[int]) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for batch in range(config.val_batches):
+            images, captions = draw_batch(data, config.batch_size, config.seed, batch, split_offset=1)
+            embeds, mask = embed(captions)
+            generator = torch.Generator().manual_seed(10_000 + batch)
+            total += sum(imagen.loss(images, embeds, mask, i, generator).item() for i in trained)
+    return total / config.val_batches
+
+
+def _save_samples(imagen: Imagen, embed, config: TrainConfig, out: Path, step: int) -> None:
+    from PIL import Image
+
+    embeds, mask = embed(list(config.sample_prompts))
+    images = imagen.sample(embeds, mask, noise=np.random.default_rng(config.seed))
+    images = (images.clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid = np.concatenate(list(images), axis=1)
+    (out / "samples").mkdir(exist_ok=True)
+    path = out / "samples" / f"step_{step:07d}.png"
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def train(config: TrainConfig, log=None) -> dict:
+    """Trains (or resumes) the run in `config.out`; returns a summary. `log(dict)` sees each step."""
+    _check(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    imagen, encoder, run, out = _prepare_run(config)
+    if config.resume:  # the run's own settings win; only the length and intervals may change
+        saved = {**run["train"], **{k: getattr(config, k) for k in (
+            "steps", "epochs", "val_every", "checkpoint_every", "sample_every", "threads", "progress")}}
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                if k in names and k not in ("out", "resume", "force")}
+        config = TrainConfig(out=str(out), resume=True, **kept)
+    trained = list(config.train_unets) if config.train_unets is not None else list(range(len(imagen.unets)))
+    data = make_dataset(config.dataset, max(imagen.image_sizes), seed=config.seed)
+    val_data = ShapesData(max(imagen.image_sizes), seed=config.seed + 1) if config.dataset == "shapes" else data
+    total_steps = config.steps
+    if config.epochs is not None:
+        total_steps = max(1, math.ceil(config.epochs * len(data) / (config.batch_size * config.grad_accum)))
+    params = [p for i in trained for p in imagen.unets[i].parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    ema = {k: v.detach().clone() for k, v in imagen.unets.state_dict().items()}
+    embed = EmbeddingCache(encoder)
+    step, best_val = 0, float("inf")
+
+    checkpoint = latest_checkpoint(out) if config.resume else None
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        imagen.unets.load_state_dict({k[6:]: v for k, v in load_file(checkpoint / "model.safetensors").items()})
+        ema = {k[6:]: v for k, v in load_file(checkpoint / "ema.safetensors").items()}
+        state = json.loads((checkpoint / "state.json").read_text())
+        _load_optimizer(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+        step, best_val = state["step"], state["best_val_loss"]
+
+    def checkpoint_now(at_step: int):
+        model = {f"unets.{k}": v for k, v in imagen.unets.state_dict().items()}
+        optim_tensors, optim_settings = _optimizer_tensors(optimizer)
+        save_checkpoint(out, at_step, {"model": model, "ema": {f"unets.{k}": v for k, v in ema.items()},
+                                       "optimizer": optim_tensors},
+                        {"step": at_step, "best_val_loss": best_val, "optimizer": optim_settings})
+
+    show = sys.stderr.isatty() if config.progress is None else config.progress
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not show, desc="train", unit="step")
+    sample_every = config.checkpoint_every if config.sample_every is None else config.sample_every
+    log_file = open(out / "log.jsonl", "a", encoding="utf-8")
+    started = time.time()
+    last_loss = float("nan")
+    try:
+        while step < total_steps:
+            for unet in imagen.unets:
+                unet.train()
+            loss_value = 0.0
+            for micro in range(config.grad_accum):
+                images, captions = draw_batch(data, config.batch_size, config.seed, step * config.grad_accum + micro)
+                embeds, mask = embed(captions)
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + micro)
+                loss = sum(imagen.loss(images, embeds, mask, i, generator) for i in trained)
+                # Averaged over the accumulated micro-batches (MinImagen sums them).
+                (loss / config.grad_accum).backward()
+                loss_value += loss.item() / config.grad_accum
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, v in imagen.unets.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(config.ema_decay).add_(v, alpha=1 - config.ema_decay)
+                    else:
+                        ema[k].copy_(v)
+            step += 1
+            last_loss = loss_value
+            record = {"step": step, "loss": loss_value, "time": round(time.time() - started, 3)}
+            if step % config.val_every == 0 or step == total_steps:
+                for unet in imagen.unets:
+                    unet.eval()
+                record["val_loss"] = _validation_loss(imagen, val_data, embed, config, trained)
+                if record["val_loss"] < best_val:
+                    best_val = record["val_loss"]
+                    save_safetensors_atomic({f"unets.{k}": v for k, v in imagen.unets.state_dict().items()},
+                                            out / "best.safetensors",
+                                            metadata={"step": str(step), "val_loss": repr(best_val)})
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if log is not None:
+                log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                checkpoint_now(step)
+                if sample_every and (step % sample_every == 0 or step == total_steps):
+                    _save_samples(imagen, embed, config, out, step)
+    except KeyboardInterrupt as interrupt:
+        checkpoint_now(step)
+        raise TrainingInterrupted(f"interrupted at step {step}; the checkpoint is saved, continue with "
+                                  f"imagen-train --out {out} --resume") from interrupt
+    finally:
+        bar.close()
+        log_file.close()
+    return {"steps": step, "loss": last_loss, "best_val_loss": best_val, "out": str(out)}
+
+
+__all__ = ["TrainConfig", "train", "TrainingInterrupted", "FolderData"]
