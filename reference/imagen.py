@@ -19,6 +19,7 @@ from torch import nn
 from .diffusion import GaussianDiffusion
 from .guidance import apply_guidance, dynamic_threshold
 from .resize import resize_image
+from .samplers import run_sampler, spaced_timesteps
 from .unet import Unet, UnetConfig
 
 
@@ -157,33 +158,24 @@ class Imagen(nn.Module):
         return apply_guidance(cond, uncond, guidance_scale)
 
     @torch.no_grad()
-    def p_sample(self, unet: Unet, schedule: GaussianDiffusion, x, t: int, text_embeds, text_mask,
-                 guidance_scale: float, noise: NoiseSource, lowres_cond_img=None, lowres_noise_times=None):
-        """One DDPM ancestral step x_t -> x_{t-1} (DDPM eq. 6-7 with the thresholded x0)."""
-        eps = self.predict_noise(unet, x, t, text_embeds, text_mask, guidance_scale,
-                                 lowres_cond_img, lowres_noise_times)
-        times = torch.full((x.shape[0],), t, dtype=torch.long)
-        x_start = schedule.predict_start_from_noise(x, times, eps)
-        x_start = dynamic_threshold(x_start, self.config.dynamic_thresholding_percentile)
-        mean, _, log_variance = schedule.q_posterior(x_start, x, times)
-        if t == 0:
-            return mean
-        return mean + (0.5 * log_variance).exp() * noise(tuple(x.shape))
-
-    @torch.no_grad()
     def sample(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, guidance_scale: float | None = None,
-               lowres_sample_noise_level: float | None = None, noise=None, stop_at_unet: int | None = None,
-               callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+               lowres_sample_noise_level: float | None = None, sampler: str = "ddpm",
+               steps: int | tuple | None = None, eta: float = 0.0, noise=None, stop_at_unet: int | None = None,
+               callback: Callable | None = None) -> torch.Tensor:
         """Images (b, c, s, s) in [0, 1] for text_embeds (b, n, d), text_mask (b, n).
 
-        `noise`: None, a NumPy Generator or arrays (make_noise_source). `callback(unet_index,
-        t, x)` sees x after every step.
+        `sampler`: ddpm (ancestral; all trained timesteps by default), ddim or dpmpp_2m;
+        `steps`: per Unet (an int for all, or a tuple), None for all timesteps.
+        `noise`: None, a NumPy Generator or arrays (make_noise_source), drawn in the order of
+        docs/bundle.md. `callback(unet_index, step, t, x)` sees x after every step.
         """
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         level = self.config.lowres_sample_noise_level if lowres_sample_noise_level is None \
             else lowres_sample_noise_level
+        percentile = self.config.dynamic_thresholding_percentile
         draw = make_noise_source(noise)
         batch = text_embeds.shape[0]
+        steps_per_unet = steps if isinstance(steps, (list, tuple)) else (steps,) * len(self.unets)
         x = None
         unets = list(zip(self.unets, self.noise_schedulers, self.image_sizes))[:stop_at_unet]
         for index, (unet, schedule, size) in enumerate(unets):
@@ -194,16 +186,16 @@ class Imagen(nn.Module):
                 aug = self.lowres_noise_schedule.get_times(batch, level)
                 lowres_cond_img = self.lowres_noise_schedule.q_sample(up, aug, draw(tuple(up.shape)))
                 lowres_noise_times = aug.float()
-            x = draw((batch, self.config.channels, size, size))
-            steps = schedule.sampling_timesteps()
-            if progress:
-                from tqdm import tqdm
 
-                steps = tqdm(steps, desc=f"unet {index}", leave=False)
-            for t in steps:
-                x = self.p_sample(unet, schedule, x, t, text_embeds, text_mask, guidance_scale, draw,
-                                  lowres_cond_img, lowres_noise_times)
-                if callback is not None:
-                    callback(index, t, x)
+            def denoise(x, t, unet=unet, schedule=schedule, lowres=(lowres_cond_img, lowres_noise_times)):
+                eps = self.predict_noise(unet, x, t, text_embeds, text_mask, guidance_scale, *lowres)
+                times = torch.full((x.shape[0],), t, dtype=torch.long)
+                return dynamic_threshold(schedule.predict_start_from_noise(x, times, eps), percentile)
+
+            timesteps = spaced_timesteps(schedule.num_timesteps, steps_per_unet[index] or schedule.num_timesteps)
+            step_callback = None if callback is None else (lambda i, t, x, index=index: callback(index, i, t, x))
+            x = draw((batch, self.config.channels, size, size))
+            x = run_sampler(sampler, denoise, x, schedule.alphas_cumprod.numpy(), timesteps, draw, eta,
+                            step_callback)
             x = x.clamp(-1.0, 1.0)
         return (x + 1) / 2
