@@ -1,0 +1,82 @@
+"""`imagen-eval`: prompt adherence of a bundle on `shapes` captions."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder (default: the built-in demo bundle).")
+@click.option("--prompts", "split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
+              help="Captions from the training distribution, or only the held-out (colour, shape) pairs.")
+@click.option("--n", type=click.IntRange(min=1), default=100, show_default=True, help="Number of captions.")
+@click.option("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the bundle's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps per Unet (default: the bundle's).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the first image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
+@click.option("--grid", type=click.Path(path_type=Path), default=None,
+              help="Save a labelled grid of the first 16 images here (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --grid file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json, force,
+         quiet, debug):
+    """Generate images for N `shapes` captions and report accuracy per attribute
+    (colour, shape, size, position), the exact-match rate and images per second."""
+    try:
+        _run(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json,
+             force, quiet)
+    except (ValueError, OSError) as error:  # the runtime's typed errors are ValueError or OSError subclasses
+        if debug:
+            raise
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except Exception as error:  # noqa: BLE001 - one line unless --debug
+        if debug:
+            raise
+        click.echo(f"error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+def _run(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json, force,
+         quiet):
+    from imagen.runtime import Pipeline
+
+    from .evaluate import evaluate, format_report, make_grid
+
+    if grid is not None and grid.exists() and not force:
+        raise FileExistsError(f"{grid} exists; pass --force to overwrite it or choose another --grid path")
+    pipeline = Pipeline.load(bundle, backend=backend, threads=threads)
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"eval {split}", unit="image", file=sys.stderr)
+    try:
+        report = evaluate(pipeline, split, n, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps,
+                          guidance_scale=guidance, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if grid is not None:
+        image = make_grid(report["images"][:16], [r["caption"] for r in report["rows"][:16]])
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        partial = grid.with_name(f".{grid.name}.partial-{os.getpid()}")
+        image.save(partial, format="PNG")
+        os.replace(partial, grid)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "images"}, indent=1))
+    else:
+        click.echo(format_report(report))
+
+
+if __name__ == "__main__":
+    main()
