@@ -18,6 +18,7 @@ from imagen.reference.text_encoder import SentencePieceTokenizer, TextEncoder
 
 from .onnx_export import (
     ExportError,
+    check_model,
     TextEncoderStage,
     UnetStage,
     convert_fp16,
@@ -172,12 +173,13 @@ def _write_stages(run: Run, staging: Path, fp16: bool, max_batch: int, opset: in
         if precision == "fp16":
             fp32_dir = staging / ".fp32"
             fp32_dir.mkdir(exist_ok=True)
-            export_stage(module, signature, fp32_dir / path.name, opset)
+            export_stage(module, signature, fp32_dir / path.name, opset, **input_kwargs)
             say(f"{name}: converting to FP16")
             convert_fp16(fp32_dir / path.name, path)
             shutil.rmtree(fp32_dir)
+            check_model(path, signature)
         else:
-            export_stage(module, signature, path, opset)
+            export_stage(module, signature, path, opset, **input_kwargs)
         errors = measure_parity(module, signature, path, PARITY_BATCH_SIZES, **input_kwargs)
         tolerance = TOLERANCE[precision]
         passed = all(e <= tolerance for e in errors)
@@ -188,7 +190,7 @@ def _write_stages(run: Run, staging: Path, fp16: bool, max_batch: int, opset: in
         entry = {**file_entry(staging, path), "precision": precision, **signature.to_manifest(),
                  "parity": {"batch_sizes": list(PARITY_BATCH_SIZES), "rel_error": errors, "tolerance": tolerance,
                             "passed": passed, "forced": bool(force and not passed)},
-                 "flops": count_flops(module, signature)}
+                 "flops": count_flops(module, signature, **input_kwargs)}
         data = Path(f"{path}.data")
         if data.exists():
             entry["external_data"] = [file_entry(staging, data)]

@@ -69,13 +69,14 @@ def _quiet():
             lg.setLevel(level)
 
 
-def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset: int = 18) -> list[Path]:
+def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset: int = 18,
+                 **input_kwargs) -> list[Path]:
     """Exports `module` to `path`; returns the files written (the model, plus external data over 2 GB)."""
     import onnx
 
     module = module.eval()
     rng = np.random.default_rng(0)
-    example = to_torch(signature.sample_inputs(max(2, signature.batch_opt), rng), signature)
+    example = to_torch(signature.sample_inputs(max(2, signature.batch_opt), rng, **input_kwargs), signature)
     batch = torch.export.Dim("batch", min=1, max=max(signature.batch_max, 2))
     dynamic_shapes = tuple({0: batch} if spec.shape[0] == BATCH else None for spec in signature.inputs)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GB * 0.9
@@ -116,15 +117,36 @@ def convert_fp16(src: Path, dst: Path) -> None:
     model = onnx.load(str(src))
     with _quiet():
         half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    _sort_topologically(half.graph)  # the converter appends its input casts at the end
+    del half.graph.value_info[:]  # it also leaves stale float32 annotations on FP16 tensors
     large = sum(int(np.prod(t.dims)) * 2 for t in half.graph.initializer) > TWO_GB * 0.9
     onnx.save(half, str(dst), save_as_external_data=large)
 
 
-def count_flops(module: nn.Module, signature: StageSignature) -> int:
+def _sort_topologically(graph) -> None:
+    """Reorder a graph's nodes so that every input is produced before it is read (Kahn's order,
+    stable: nodes keep their relative order where the data allows)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            missing = sorted({name for n in pending for name in n.input} - available)[:5]
+            raise ExportError(f"graph has inputs that no node produces: {missing}")
+        chosen = {id(n) for n in ready}
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if id(n) not in chosen]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def count_flops(module: nn.Module, signature: StageSignature, **input_kwargs) -> int:
     """FLOPs of one call at batch 1 (2 x multiply-adds of matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    inputs = to_torch(signature.sample_inputs(1, np.random.default_rng(0)), signature)
+    inputs = to_torch(signature.sample_inputs(1, np.random.default_rng(0), **input_kwargs), signature)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         module(*inputs)
