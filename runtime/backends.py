@@ -1,0 +1,243 @@
+"""Inference backends: one object per stage with `run(feeds) -> {output name: array}`.
+
+`OnnxRuntimeBackend` (the default, CPU or CUDA/TensorRT execution providers) and
+`TensorRTBackend` (serialized engines from `imagen-export --tensorrt`; tensorrt and
+cuda-python are imported only when it is used). Both check the feeds against the stage
+signature first and raise SignatureError, so a wrong array never reaches an engine.
+"""
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import BATCH, StageSpec
+from .errors import BackendError, BundleError, SignatureError
+
+
+def check_feeds(stage: StageSpec, feeds: dict) -> int:
+    """The batch size of `feeds` if they match the signature, else SignatureError naming what differs."""
+    if not isinstance(feeds, dict):
+        raise SignatureError(
+            f"{stage.name}: feeds must be a dict of name -> array, got {type(feeds).__name__}"
+        )
+    names = stage.input_names
+    missing = [n for n in names if n not in feeds]
+    extra = [n for n in feeds if n not in names]
+    if missing or extra:
+        raise SignatureError(f"{stage.name}: inputs are {names}; missing {missing}, unexpected {extra}")
+    batch = None
+    for spec in stage.inputs:
+        array = feeds[spec.name]
+        if not isinstance(array, np.ndarray):
+            raise SignatureError(
+                f"{stage.name}: input {spec.name} must be a numpy array, got {type(array).__name__}"
+            )
+        if array.dtype != np.dtype(spec.dtype):
+            raise SignatureError(f"{stage.name}: input {spec.name} must be {spec.dtype}, got {array.dtype}")
+        if array.ndim != len(spec.shape):
+            raise SignatureError(
+                f"{stage.name}: input {spec.name} must have rank {len(spec.shape)} "
+                f"{list(spec.shape)}, got shape {list(array.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=False)):
+            if want == BATCH:
+                if batch is None:
+                    batch = got
+                elif got != batch:
+                    raise SignatureError(
+                        f"{stage.name}: input {spec.name} has batch {got}, other inputs have {batch}"
+                    )
+            elif want != got:
+                raise SignatureError(
+                    f"{stage.name}: input {spec.name} dimension {axis} must be {want}, got {got} "
+                    f"(shape {list(array.shape)}, expected {list(spec.shape)})"
+                )
+    batch = 1 if batch is None else batch
+    if not 1 <= batch <= stage.batch_max:
+        raise SignatureError(
+            f"{stage.name}: batch {batch} is outside [1, {stage.batch_max}] (the bundle's max batch)"
+        )
+    return batch
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def onnxruntime_providers(providers=None) -> list:
+    """None -> CPU; "auto" -> TensorRT/CUDA execution providers when this onnxruntime has them, then CPU."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if providers == "auto":
+        available = ort.get_available_providers()
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        return chosen + ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        return [providers]
+    return list(providers)
+
+
+class OnnxRuntimeBackend:
+    """One onnxruntime InferenceSession for a stage; `run` is safe to call from several threads."""
+
+    def __init__(self, path, stage_signature: StageSpec, providers=None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.stage = stage_signature
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads) if threads else default_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.providers = onnxruntime_providers(providers)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=self.providers
+            )
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise BackendError(
+                f"onnxruntime cannot load {self.path} (stage {self.stage.name}): {error}; "
+                "re-export the bundle, or check the providers"
+            ) from error
+        got = [i.name for i in self.session.get_inputs()]
+        if sorted(got) != sorted(self.stage.input_names):
+            raise BundleError(
+                f"{self.path} has inputs {got}, its manifest lists {self.stage.input_names}; "
+                "re-export the bundle"
+            )
+
+    def run(self, feeds: dict) -> dict:
+        check_feeds(self.stage, feeds)
+        try:
+            outputs = self.session.run(self.stage.output_names, feeds)
+        except Exception as error:
+            raise BackendError(f"{self.stage.name}: onnxruntime failed: {error}") from error
+        return dict(zip(self.stage.output_names, outputs, strict=False))
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as error:
+            raise BackendError(
+                "the TensorRT backend needs cuda-python (pip install 'imagen-cascade[tensorrt]')"
+            ) from error
+    return cudart
+
+
+def _cuda_call(result):
+    """cuda-python returns (error, *values); raise BackendError on an error."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if int(error) != 0:
+        raise BackendError(f"CUDA call failed with error {error}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def tensorrt_environment() -> tuple[object, object, str, str]:
+    """(tensorrt, cudart, compute capability 'major.minor', TensorRT version), or BackendError
+    saying what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError as error:
+        raise BackendError(
+            "the tensorrt package is not installed (pip install 'imagen-cascade[tensorrt]' on a "
+            "machine with an NVIDIA GPU); use --backend onnxruntime"
+        ) from error
+    cudart = _cudart()
+    error, count = cudart.cudaGetDeviceCount()
+    if int(error) != 0 or count < 1:
+        raise BackendError("no CUDA GPU is visible; use --backend onnxruntime")
+    props = _cuda_call(cudart.cudaGetDeviceProperties(0))
+    return trt, cudart, f"{props.major}.{props.minor}", trt.__version__
+
+
+def check_engines_match(manifest_trt: dict | None, capability: str, version: str) -> None:
+    if not manifest_trt:
+        raise BundleError(
+            "this bundle has no TensorRT engines; rebuild it with imagen-export --tensorrt on this "
+            "machine, or use --backend onnxruntime"
+        )
+    built = (str(manifest_trt.get("compute_capability")), str(manifest_trt.get("version")))
+    if built != (capability, version):
+        raise BundleError(
+            f"the bundle's TensorRT engines were built for compute capability {built[0]} with "
+            f"TensorRT {built[1]}; this machine has compute capability {capability} and TensorRT "
+            f"{version}; rebuild them here with imagen-export --tensorrt, or use --backend onnxruntime"
+        )
+
+
+class TensorRTBackend:
+    """A deserialized TensorRT engine; one execution context, stream and buffer set per thread."""
+
+    def __init__(self, plan_path, stage_signature: StageSpec, manifest_trt: dict | None = None):
+        trt, self._cudart, capability, version = tensorrt_environment()
+        if manifest_trt is not None:
+            check_engines_match(manifest_trt, capability, version)
+        self.stage = stage_signature
+        self.path = Path(plan_path)
+        self._logger = trt.Logger(trt.Logger.ERROR)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise BundleError(
+                f"TensorRT cannot deserialize {self.path}; rebuild it with imagen-export --tensorrt"
+            )
+        self._local = threading.local()
+
+    def _thread_state(self):
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = {
+                "context": self.engine.create_execution_context(),
+                "stream": _cuda_call(self._cudart.cudaStreamCreate()),
+                "buffers": {},
+            }
+            self._local.state = state
+        return state
+
+    def _buffer(self, state, name: str, nbytes: int) -> int:
+        pointer, size = state["buffers"].get(name, (None, 0))
+        if size < nbytes:
+            if pointer is not None:
+                _cuda_call(self._cudart.cudaFree(pointer))
+            pointer = _cuda_call(self._cudart.cudaMalloc(max(nbytes, 1)))
+            state["buffers"][name] = (pointer, nbytes)
+        return pointer
+
+    def run(self, feeds: dict) -> dict:
+        check_feeds(self.stage, feeds)
+        cudart = self._cudart
+        state = self._thread_state()
+        context, stream = state["context"], state["stream"]
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name, array in feeds.items():
+            array = np.ascontiguousarray(array)
+            pointer = self._buffer(state, name, array.nbytes)
+            _cuda_call(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, h2d, stream))
+            context.set_input_shape(name, array.shape)
+            context.set_tensor_address(name, pointer)
+        outputs = {}
+        for spec in self.stage.outputs:
+            shape = tuple(context.get_tensor_shape(spec.name))
+            outputs[spec.name] = np.empty(shape, dtype=spec.dtype)
+            context.set_tensor_address(spec.name, self._buffer(state, spec.name, outputs[spec.name].nbytes))
+        if not context.execute_async_v3(stream):
+            raise BackendError(f"{self.stage.name}: TensorRT execution failed")
+        for name, array in outputs.items():
+            _cuda_call(
+                cudart.cudaMemcpyAsync(
+                    array.ctypes.data, state["buffers"][name][0], array.nbytes, d2h, stream
+                )
+            )
+        _cuda_call(cudart.cudaStreamSynchronize(stream))
+        return outputs

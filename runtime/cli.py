@@ -1,0 +1,218 @@
+"""imagen-run: prompts -> PNG files, over a bundle.
+
+imagen-run "a red circle" -o circle.png --bundle bundle/ --steps 20 --seed 0
+imagen-run "a red circle" "a blue square" --num-images 2 --out-dir out/ --json
+"""
+
+import json
+import os
+import re
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import ImagenError
+
+EXIT_USAGE, EXIT_UNEXPECTED = 2, 1
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    text = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return text[:limit].rstrip("-") or "image"
+
+
+def output_paths(
+    count: int, prompts: list[str], per_prompt: int, out: str | None, out_dir: str | None
+) -> list[Path]:
+    if out is not None and out_dir is not None:
+        raise ValueError("pass either -o/--out (one image) or --out-dir (several), not both")
+    if out is not None:
+        if count != 1:
+            raise ValueError(f"-o/--out names one file but {count} images are requested; use --out-dir DIR")
+        return [Path(out)]
+    folder = Path(out_dir if out_dir is not None else "imagen-out")
+    return [folder / f"{i:03d}-{slug(prompts[i // per_prompt])}.png" for i in range(count)]
+
+
+def write_png(image, path: Path, info: dict, force: bool) -> None:
+    """Writes to a temporary name in the same folder, then renames (never a half-written PNG)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = PngInfo()
+    metadata.add_text("prompt", info["prompt"])
+    metadata.add_text("seed", str(info["seed"]))
+    metadata.add_text("sampler", info["sampler"])
+    metadata.add_text("steps", json.dumps(info["steps"]))
+    metadata.add_text("guidance", repr(info["guidance_scale"]))
+    metadata.add_text("bundle_sha", info["bundle_sha"])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Progress:
+    """A tqdm bar per stage on stderr, driven by the pipeline callback."""
+
+    def __init__(self, steps: list[int], names: list[str]):
+        from tqdm import tqdm
+
+        self._tqdm, self.steps, self.names, self.bar, self.stage = tqdm, steps, names, None, None
+
+    def __call__(self, stage, step, t, x):
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = self._tqdm(
+                total=self.steps[stage], desc=self.names[stage], file=sys.stderr, leave=True
+            )
+        self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("prompts", nargs=-1, required=True)
+@click.option(
+    "--bundle", "bundle", type=click.Path(), default=None, help="Bundle folder (default: built-in demo)."
+)
+@click.option("-o", "--out", default=None, help="Output PNG for a single image.")
+@click.option("--out-dir", default=None, help="Folder for several images (default imagen-out/).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: random, reported).")
+@click.option("--steps", type=int, default=None, help="Sampler steps per Unet (default: all timesteps).")
+@click.option("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the bundle's).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
+@click.option(
+    "--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True
+)
+@click.option("--threads", type=int, default=None, help="CPU threads per session (default: all cores).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print per-image info as JSON on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(
+    prompts,
+    bundle,
+    out,
+    out_dir,
+    seed,
+    steps,
+    sampler,
+    guidance,
+    num_images,
+    eta,
+    backend,
+    threads,
+    quiet,
+    as_json,
+    force,
+    debug,
+):
+    """Generate images for PROMPT(s) with an exported bundle."""
+    try:
+        _run(
+            list(prompts),
+            bundle,
+            out,
+            out_dir,
+            seed,
+            steps,
+            sampler,
+            guidance,
+            num_images,
+            eta,
+            backend,
+            threads,
+            quiet,
+            as_json,
+            force,
+        )
+    except click.ClickException:
+        raise
+    except (ImagenError, ValueError, OSError) as error:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {error}".replace("\n", " "), err=True)
+        sys.exit(EXIT_USAGE)
+    except Exception as error:  # noqa: BLE001 - the last resort: one line, exit 1
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for details)".replace(
+                "\n", " "
+            ),
+            err=True,
+        )
+        sys.exit(EXIT_UNEXPECTED)
+
+
+def _run(
+    prompts,
+    bundle,
+    out,
+    out_dir,
+    seed,
+    steps,
+    sampler,
+    guidance,
+    num_images,
+    eta,
+    backend,
+    threads,
+    quiet,
+    as_json,
+    force,
+):
+    from .pipeline import Pipeline
+
+    count = len(prompts) * max(num_images, 1)
+    paths = output_paths(count, prompts, max(num_images, 1), out, out_dir)
+    if not force:
+        for path in paths:
+            if path.exists():
+                raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    progress = None
+    if not quiet and sys.stderr.isatty():
+        steps_per_unet = pipe._steps(steps)
+        progress = _Progress(steps_per_unet, [u.name for u in pipe.manifest.unets])
+    try:
+        result = pipe(
+            prompts,
+            steps=steps,
+            sampler=sampler,
+            guidance_scale=guidance,
+            seed=seed,
+            num_images_per_prompt=num_images,
+            eta=eta,
+            callback=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    for image, info, path in zip(result.images, result.info, paths, strict=False):
+        write_png(image, path, info, force)
+        info["file"] = str(path)
+        if not quiet and not as_json:
+            click.echo(f"wrote {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

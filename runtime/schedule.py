@@ -1,0 +1,63 @@
+"""The noise schedule, from the manifest's float64 betas (docs/bundle.md, Schedule).
+
+Everything is float64; `coef(name, t)` casts one coefficient to float32, which is how a
+coefficient meets an image.
+"""
+
+import numpy as np
+
+from .errors import BundleError
+
+
+class Schedule:
+    def __init__(self, betas, kind: str = "linear"):
+        betas = np.asarray(betas, dtype=np.float64)
+        if (
+            betas.ndim != 1
+            or betas.size < 1
+            or not np.all(np.isfinite(betas))
+            or np.any(betas <= 0)
+            or np.any(betas >= 1)
+        ):
+            raise BundleError(
+                "schedule betas must be a non-empty list of numbers in (0, 1); re-export the bundle"
+            )
+        self.kind = kind
+        self.betas = betas
+        self.num_timesteps = int(betas.size)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.concatenate([[1.0], self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # DDPM eq. 7
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = np.log(np.maximum(self.posterior_variance, 1e-20))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> "Schedule":
+        return cls(entry["betas"], entry.get("kind", "linear"))
+
+    def coef(self, name: str, t: int) -> np.float32:
+        """One coefficient at t, taken in float64 and cast to float32."""
+        return np.float32(getattr(self, name)[t])
+
+    def timesteps(self, steps: int | None = None) -> list[int]:
+        """`steps` timesteps from T-1 down to 0: round(linspace(T - 1, 0, steps)); all T when None."""
+        total = self.num_timesteps
+        steps = total if steps is None else steps
+        if not 1 <= steps <= total:
+            raise ValueError(f"steps must be in [1, {total}], got {steps}")
+        if steps == 1:
+            return [total - 1]
+        return [int(t) for t in np.round(np.linspace(total - 1, 0, steps)).astype(np.int64)]
+
+    def noise_level_timestep(self, level: float) -> int:
+        """int(level * T): the augmentation timestep for a noise level in [0, 1]."""
+        return int(self.num_timesteps * level)

@@ -1,0 +1,126 @@
+"""Tokenizers of the bundle (docs/bundle.md, Tokenization), without torch or transformers.
+
+`byte`: ids are the prompt's UTF-8 bytes + `offset` (ByT5's convention); `sentencepiece`:
+ids from `tokenizer/spiece.model` (the `sentencepiece` package is imported only then).
+Either way ids are cut to L - 1 (reported per prompt as truncated), then eos, then pad
+up to L; the attention mask is 1 on the ids and the eos.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError, PromptError
+
+ALLOWED_CONTROLS = frozenset("\t\n")
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def validate_prompt(prompt, index: int = 0) -> str:
+    """The prompt if it can be tokenized, else PromptError saying why."""
+    where = f"prompt {index}"
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise PromptError(
+            f"{where} is {type(prompt).__name__}, not str; decode it first (e.g. data.decode('utf-8'))"
+        )
+    if not isinstance(prompt, str):
+        raise PromptError(f"{where} must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise PromptError(f"{where} is empty or whitespace only; give some text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(
+            f"{where} is not valid Unicode text (lone surrogate {prompt[error.start]!r} at "
+            f"position {error.start}); pass properly decoded text"
+        ) from None
+    for position, char in enumerate(prompt):
+        code = ord(char)
+        if (code < 0x20 or 0x7F <= code <= 0x9F) and char not in ALLOWED_CONTROLS:
+            raise PromptError(
+                f"{where} contains the control character {char!r} at position {position}; "
+                "remove it (only tab and newline are allowed)"
+            )
+    return prompt
+
+
+class Tokenizer:
+    """`tokenizer(prompts) -> (input_ids int64 (B, L), attention_mask int64 (B, L), truncated list[bool])`."""
+
+    def __init__(
+        self,
+        kind: str,
+        max_length: int,
+        pad_id: int = 0,
+        eos_id: int = 1,
+        offset: int = 3,
+        model_file: str | Path | None = None,
+    ):
+        if kind not in ("byte", "sentencepiece"):
+            raise BundleError(
+                f"unknown tokenizer kind {kind!r}; this runtime knows 'byte' and 'sentencepiece'"
+            )
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise BundleError(f"text max_length must be an integer >= 2, got {max_length!r}")
+        self.kind, self.max_length = kind, max_length
+        self.pad_id, self.eos_id, self.offset = int(pad_id), int(eos_id), int(offset)
+        self._processor = None
+        if kind == "sentencepiece":
+            if model_file is None:
+                raise BundleError("a sentencepiece tokenizer needs tokenizer/spiece.model in the bundle")
+            try:
+                import sentencepiece
+            except ImportError as error:
+                raise BundleError(
+                    "this bundle uses a sentencepiece vocabulary; install it with "
+                    "pip install 'imagen-cascade[sentencepiece]'"
+                ) from error
+            try:
+                self._processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+            except (OSError, RuntimeError) as error:
+                raise BundleError(f"cannot load {model_file}: {error}; re-export the bundle") from error
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, root: Path) -> "Tokenizer":
+        spec = manifest["tokenizer"]
+        model_file = None
+        if spec["kind"] == "sentencepiece":
+            entry = spec.get("files", {}).get("spiece.model")
+            model_file = root / entry["file"] if entry else root / "tokenizer" / "spiece.model"
+        return cls(
+            spec["kind"],
+            manifest["text"]["max_length"],
+            spec.get("pad_id", 0),
+            spec.get("eos_id", 1),
+            spec.get("offset", 3 if spec["kind"] == "byte" else 0),
+            model_file,
+        )
+
+    def ids(self, prompt: str) -> list[int]:
+        if self._processor is not None:
+            return [int(i) for i in self._processor.encode(prompt)]
+        return [b + self.offset for b in prompt.encode("utf-8")]
+
+    def __call__(self, prompts: list[str], strict: bool = False) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        length = self.max_length
+        input_ids = np.full((len(prompts), length), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(prompts), length), dtype=np.int64)
+        truncated = []
+        for row, prompt in enumerate(prompts):
+            ids = self.ids(validate_prompt(prompt, row))
+            cut = len(ids) > length - 1
+            if cut and strict:
+                raise PromptError(
+                    f"prompt {row} {_preview(prompt)} is {len(ids)} tokens; at most {length - 1} "
+                    "fit (plus eos); shorten it or drop strict to truncate"
+                )
+            truncated.append(cut)
+            ids = ids[: length - 1] + [self.eos_id]
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask, truncated
