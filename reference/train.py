@@ -120,7 +120,10 @@ class EmbeddingCache:
 
 def _prepare_run(config: TrainConfig) -> tuple[Imagen, TextEncoder, dict, Path]:
     out = Path(config.out)
-    if config.resume:
+    if config.resume and out.is_dir() and not (out / "config.json").is_file() and all(
+            p.name == "text_encoder" or p.name.endswith(".tmp") for p in out.iterdir()):
+        shutil.rmtree(out)  # a run killed before it wrote config.json: nothing to keep, start it again
+    if config.resume and out.exists():
         if not (out / "config.json").is_file():
             raise CheckpointError(f"nothing to resume in {out}: no config.json; drop --resume to start a run")
         clean_partial(out)
