@@ -12,15 +12,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import imagen
 from imagen.reference.checkpoint import Run, load_minimagen_run, load_run
 from imagen.reference.text_encoder import SentencePieceTokenizer, TextEncoder
 
+import imagen
+
 from .onnx_export import (
     ExportError,
-    check_model,
     TextEncoderStage,
     UnetStage,
+    check_model,
     convert_fp16,
     count_flops,
     export_stage,
@@ -196,7 +197,8 @@ def _write_stages(run: Run, staging: Path, fp16: bool, max_batch: int, opset: in
             entry["external_data"] = [file_entry(staging, data)]
         if name.startswith("unet_"):
             index = int(name.split("_")[1])
-            entry.update(image_size=imagen_model.image_sizes[index], lowres_cond=bool(imagen_model.unets[index].lowres_cond))
+            entry.update(image_size=imagen_model.image_sizes[index],
+                         lowres_cond=bool(imagen_model.unets[index].lowres_cond))
         manifest["stages"][name] = entry
     if failures and not force:
         raise ExportError("parity check failed: " + "; ".join(failures) + ". The export was not written; "

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.unet import Unet
+from torch import nn
 
 from .signatures import BATCH, StageSignature
 
@@ -72,7 +71,6 @@ def _quiet():
 def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset: int = 18,
                  **input_kwargs) -> list[Path]:
     """Exports `module` to `path`; returns the files written (the model, plus external data over 2 GB)."""
-    import onnx
 
     module = module.eval()
     rng = np.random.default_rng(0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layers import Attention as _Attention
 from .layers import (
     CrossEmbedLayer,
     Downsample,
@@ -23,7 +24,6 @@ from .layers import (
     TransformerBlock,
     Upsample,
 )
-from .layers import Attention as _Attention
 
 ATTN_DIM_HEAD = 64  # MinImagen's constants
 NUM_TIME_TOKENS = 2

@@ -9,7 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-
 from imagen.export import bundle as bundle_module
 from imagen.export.bundle import export_bundle
 from imagen.export.cli import main as export_cli

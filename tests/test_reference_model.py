@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from imagen.reference.diffusion import GaussianDiffusion, make_betas
 from imagen.reference.guidance import apply_guidance, dynamic_threshold
 from imagen.reference.imagen import Imagen, ImagenConfig, make_noise_source
@@ -208,7 +207,8 @@ def test_unet_overfits_one_small_batch():
 
 def test_sampling_with_injected_noise_is_reproducible_and_in_range():
     torch.manual_seed(0)
-    imagen = Imagen([preset_config("BaseTest", max_text_len=TEXT_LEN), preset_config("SuperTest", max_text_len=TEXT_LEN)],
+    unets = [preset_config("BaseTest", max_text_len=TEXT_LEN), preset_config("SuperTest", max_text_len=TEXT_LEN)]
+    imagen = Imagen(unets,
                     ImagenConfig(image_sizes=(8, 16), timesteps=25), TEXT_DIM)
     text = torch.randn(2, TEXT_LEN, TEXT_DIM)
     mask = torch.ones(2, TEXT_LEN, dtype=torch.bool)

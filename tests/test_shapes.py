@@ -6,12 +6,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
 from imagen.shapes import ATTRIBUTES, HELDOUT_PAIRS, ShapesDataset, analyse, captions, render, score
 from imagen.shapes.cli import main as eval_main
 from imagen.shapes.evaluate import evaluate, make_grid
 from imagen.shapes.scenes import BACKGROUND, scene_from_caption
+from PIL import Image
 
 
 @pytest.mark.parametrize("image_size, n", [(64, 400), (32, 300)])

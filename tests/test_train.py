@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
-
 from conftest import TINY
 from imagen.reference.checkpoint import CheckpointError, load_minimagen_run, load_run
 from imagen.reference.cli import main as train_cli
 from imagen.reference.data import DataError, FolderData
 from imagen.reference.text_encoder import ByteTokenizer, TextEncoder
 from imagen.reference.train import TrainConfig, train
+from safetensors.torch import load_file
 
 
 def test_run_directory_is_complete(tiny_run):
@@ -163,12 +162,12 @@ def tiny_t5_folder(path, embed_dim=32):
     text = path / "corpus.txt"
     text.write_text("\n".join(f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in
                               ("circle", "square") for p in ("left", "right")) * 5)
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "spiece"), vocab_size=24, hard_vocab_limit=False,
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "spiece"), vocab_size=24,
+                                   hard_vocab_limit=False,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    minloglevel=2)
-    from transformers import T5EncoderModel
-
     from imagen.reference.text_encoder import tiny_t5_config
+    from transformers import T5EncoderModel
 
     folder = path / "t5"
     T5EncoderModel(tiny_t5_config(vocab_size=24, d_model=embed_dim)).save_pretrained(folder)
