@@ -4,10 +4,13 @@ import sys
 
 import click
 
+from imagen._cli import one_line_command
+
 from .bundle import export_bundle
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=one_line_command("imagen-export: error: "),
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", required=True, type=click.Path(), help="A run directory of imagen-train, or a MinImagen "
               "training directory.")
 @click.option("--out", default="bundle", show_default=True, type=click.Path(), help="Bundle folder to write.")
@@ -19,10 +22,14 @@ from .bundle import export_bundle
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
 @click.option("--text-encoder", type=click.Path(), default=None,
               help="Local T5 folder (needed for MinImagen directories).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default="ddpm", show_default=True,
+              help="The bundle's default sampler.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="The bundle's default steps per Unet (default: every trained timestep).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle; also write one that fails parity.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, force, quiet, debug):
+def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, sampler, steps, force, quiet, debug):
     """Export a trained cascade to an ONNX bundle (and TensorRT engines)."""
 
     def report(message):
@@ -31,14 +38,14 @@ def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, for
 
     try:
         export_bundle(ckpt, out, fp16=fp16, tensorrt=tensorrt, weights=weights, max_batch=max_batch, opset=opset,
-                      text_encoder=text_encoder, force=force, report=report)
+                      text_encoder=text_encoder, force=force, sampler=sampler, steps=steps, report=report)
     except KeyboardInterrupt:
         click.echo("imagen-export: interrupted; nothing was written", err=True)
         sys.exit(130)
     except Exception as error:  # every failure gets one line; --debug shows the traceback
         if debug:
             raise
-        click.echo(f"imagen-export: error: {error}", err=True)
+        click.echo(f"imagen-export: error: {error}".replace("\n", " "), err=True)
         sys.exit(1)
 
 

@@ -95,6 +95,17 @@ def test_existing_bundle_needs_force(bundle_fp32, tiny_run):
     assert (bundle_fp32 / "manifest.json").read_bytes() == before
 
 
+def test_default_sampler_and_steps_are_checked(tiny_run, tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        export_bundle(tiny_run, out, sampler="euler")
+    with pytest.raises(ValueError, match=r"at most the trained timesteps \(30\)"):
+        export_bundle(tiny_run, out, sampler="dpmpp_2m", steps=31)
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(export_cli, ["--ckpt", str(tiny_run), "--out", str(out), "--steps", "0"])
+    assert result.exit_code == 2 and "--steps" in result.output
+
+
 def test_failed_parity_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(bundle_module, "measure_parity", lambda *a, **k: [0.5, 0.5])
     out = tmp_path / "bundle"
