@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from imagen._cli import one_line_command
+
 from .train import TrainConfig, TrainingInterrupted, train
 
 
@@ -17,7 +19,8 @@ def _int_list(value: str | None) -> tuple | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=one_line_command("imagen-train: error: "),
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dataset", default="shapes", show_default=True,
               help="'shapes' (built in) or a folder of images with manifest.jsonl / .csv (file, caption).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
@@ -70,8 +73,14 @@ def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size,
     except (ValueError, OSError, click.BadParameter) as error:
         if debug:
             raise
-        click.echo(f"imagen-train: error: {error}", err=True)
+        click.echo(f"imagen-train: error: {error}".replace("\n", " "), err=True)
         sys.exit(2)
+    except Exception as error:  # noqa: BLE001 - anything else is still one line; --debug shows the traceback
+        if debug:
+            raise
+        click.echo(f"imagen-train: error: {type(error).__name__}: {error} (rerun with --debug for the traceback)"
+                   .replace("\n", " "), err=True)
+        sys.exit(1)
     if not quiet:
         click.echo(json.dumps(summary))
 

@@ -86,6 +86,9 @@ def _check(config: TrainConfig) -> None:
         raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise ValueError(f"lr must be a positive number, got {config.lr}")
+    sizes = list(config.image_sizes or ())
+    if not sizes or not all(isinstance(s, int) and s >= 8 for s in sizes) or sizes != sorted(set(sizes)):
+        raise ValueError(f"image_sizes must be increasing integers of at least 8, got {config.image_sizes!r}")
     if len(config.unets) != len(config.image_sizes):
         raise ValueError(f"{len(config.unets)} Unets but {len(config.image_sizes)} image sizes")
 

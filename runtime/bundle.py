@@ -2,12 +2,12 @@
 
 `load_manifest(path)` checks, in this order, and raises BundleError naming the file and
 the fix on the first problem: manifest.json parses; format and format_version; the
-required keys, stages and schedules; every listed file (stages, external data, tokenizer
-files, TensorRT engines) is a relative path inside the bundle (no absolute paths, no
-`..`, no symlink resolving outside), exists and has the listed size; the stage signatures
-are the ones this runtime feeds (names, dtypes, shapes, text width, image sizes, low-res
-inputs); and finally every file's sha256 (read in 1 MB chunks). Nothing is cached across
-bundles.
+required keys, stages, schedules and tokenizer ids (types and ranges); every listed file
+(stages, external data, tokenizer files, TensorRT engines) is a relative path inside the
+bundle (no absolute paths, no `..`, no symlink resolving outside), exists and has the
+listed size; the stage signatures are the ones this runtime feeds (names, dtypes, shapes,
+text width, image sizes, low-res inputs); and finally every file's sha256 (read in 1 MB
+chunks). Nothing is cached across bundles.
 """
 
 import hashlib
@@ -24,6 +24,7 @@ SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 REEXPORT = "re-export the bundle with imagen-export"
 BATCH = "batch"
+MAX_TOKEN_ID = 2**31 - 256  # token ids (byte + offset included) must fit int64 with room to spare
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,22 @@ def _get(mapping: dict, key: str, kind, where: str = MANIFEST):
     return _require(mapping.get(key) if isinstance(mapping, dict) else None, key, kind, where)
 
 
+def _finite_number(value) -> bool:
+    """An int or float that is finite as a float (10**400 is an int that no float holds)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _inside(root: Path, relative, what: str) -> Path:
     """root / relative, refusing absolute paths, `..` and symlinks that leave the bundle."""
     if not isinstance(relative, str) or not relative:
         raise BundleError(f"{MANIFEST}: {what} has no file name; {REEXPORT}")
+    if "\x00" in relative:
+        raise BundleError(f"{MANIFEST}: {what} file {relative!r} contains a NUL character; {REEXPORT}")
     pure = PurePosixPath(relative.replace("\\", "/"))
     if pure.is_absolute() or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
         raise BundleError(
@@ -121,7 +134,7 @@ def _inside(root: Path, relative, what: str) -> Path:
     path = root / pure
     try:
         resolved = path.resolve(strict=False)
-    except (OSError, RuntimeError) as error:  # symlink loops
+    except (OSError, RuntimeError, ValueError) as error:  # symlink loops, names the OS refuses
         raise BundleError(f"{path}: cannot resolve ({error}); {REEXPORT}") from error
     if not resolved.is_relative_to(root.resolve()):
         raise BundleError(
@@ -144,11 +157,14 @@ class _Files:
         path = _inside(self.root, entry.get("file"), what)
         size = _get(entry, "bytes", int, where)
         sha = _get(entry, "sha256", str, where)
-        if not path.is_file():
+        try:
+            actual = path.stat().st_size if path.is_file() else None
+        except (OSError, ValueError) as error:  # a name too long for the file system, say
+            raise BundleError(f"{MANIFEST}: cannot read {what} file {path} ({error}); {REEXPORT}") from None
+        if actual is None:
             raise BundleError(
                 f"{path} ({what}) is missing from the bundle; copy the whole bundle folder or {REEXPORT}"
             )
-        actual = path.stat().st_size
         if actual != size:
             raise BundleError(
                 f"{path} ({what}) has {actual} bytes, the manifest expects {size}: the file is "
@@ -291,7 +307,7 @@ def load_manifest(path, *, tensorrt_engines: bool = False) -> Manifest:
         raise BundleError(f"cannot read {manifest_path}: {error}") from error
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # too deeply nested
         raise BundleError(
             f"{manifest_path} is not valid JSON ({error}); the bundle is damaged, {REEXPORT}"
         ) from None
@@ -328,10 +344,17 @@ def load_manifest(path, *, tensorrt_engines: bool = False) -> Manifest:
         raise BundleError(
             f"{manifest_path}: tokenizer kind {kind!r} is unknown (byte, sentencepiece); {REEXPORT}"
         )
+    for key in ("pad_id", "eos_id", "offset"):
+        value = tokenizer.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_TOKEN_ID:
+            raise BundleError(
+                f"{manifest_path}: tokenizer.{key} is {value!r}; expected an integer in [0, {MAX_TOKEN_ID}); "
+                f"{REEXPORT}"
+            )
     defaults = _get(data, "defaults", dict)
     for key in ("guidance_scale", "dynamic_thresholding_percentile", "lowres_sample_noise_level"):
         value = defaults.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not _finite_number(value):
             raise BundleError(f"{manifest_path}: defaults.{key} is missing or not a number; {REEXPORT}")
     if (
         not 0 < defaults["dynamic_thresholding_percentile"] <= 1

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from imagen._cli import one_line_command
+
 from .errors import ImagenError
 
 EXIT_USAGE, EXIT_UNEXPECTED = 2, 1
@@ -84,7 +86,7 @@ class _Progress:
             self.bar = None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=one_line_command("error: "), context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("prompts", nargs=-1, required=True)
 @click.option(
     "--bundle", "bundle", type=click.Path(), default=None, help="Bundle folder (default: built-in demo)."

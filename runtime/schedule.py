@@ -11,7 +11,10 @@ from .errors import BundleError
 
 class Schedule:
     def __init__(self, betas, kind: str = "linear"):
-        betas = np.asarray(betas, dtype=np.float64)
+        try:
+            betas = np.asarray(betas, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):  # strings, nested lists, ints too large for a float
+            betas = np.asarray([np.nan])
         if (
             betas.ndim != 1
             or betas.size < 1
@@ -42,7 +45,12 @@ class Schedule:
 
     @classmethod
     def from_manifest(cls, entry: dict) -> "Schedule":
-        return cls(entry["betas"], entry.get("kind", "linear"))
+        betas = entry["betas"]
+        if not isinstance(betas, list) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas
+        ):
+            raise BundleError("schedule betas must be a list of JSON numbers; re-export the bundle")
+        return cls(betas, entry.get("kind", "linear"))
 
     def coef(self, name: str, t: int) -> np.float32:
         """One coefficient at t, taken in float64 and cast to float32."""

@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import click
+from imagen.runtime.errors import ImagenError
+
+from imagen._cli import one_line_command
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=one_line_command("error: "), context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,
               help="Bundle folder (default: the built-in demo bundle).")
 @click.option("--prompts", "split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
@@ -34,15 +37,16 @@ def main(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, 
     try:
         _run(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json,
              force, quiet)
-    except (ValueError, OSError) as error:  # the runtime's typed errors are ValueError or OSError subclasses
+    except (ImagenError, ValueError, OSError) as error:  # the runtime's typed errors, bad values, files
         if debug:
             raise
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {error}".replace("\n", " "), err=True)
         sys.exit(2)
     except Exception as error:  # noqa: BLE001 - one line unless --debug
         if debug:
             raise
-        click.echo(f"error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", err=True)
+        click.echo(f"error: {type(error).__name__}: {error} (rerun with --debug for the traceback)"
+                   .replace("\n", " "), err=True)
         sys.exit(1)
 
 
