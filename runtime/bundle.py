@@ -292,6 +292,26 @@ def _bundle_root(path) -> Path:
     return path
 
 
+def _check_default_sampling(defaults: dict, schedules: dict, unets: int, manifest_path: Path) -> None:
+    """defaults.sampler names a sampler; defaults.steps is null, an integer, or {"unet_i": n},
+    each within the Unet's timesteps."""
+    from .samplers import SAMPLERS
+
+    sampler = defaults.get("sampler", "ddpm")
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise BundleError(f"{manifest_path}: defaults.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}; "
+                          f"{REEXPORT}")
+    steps = defaults.get("steps")
+    per_unet = steps if isinstance(steps, dict) else {f"unet_{i}": steps for i in range(unets)}
+    for name, value in per_unet.items():
+        total = schedules[name].num_timesteps if name in schedules else None
+        if value is None and total is not None:
+            continue
+        if total is None or isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= total:
+            raise BundleError(f"{manifest_path}: defaults.steps {steps!r} is not null, an integer in [1, "
+                              f"timesteps] or {{\"unet_i\": n}} per Unet; {REEXPORT}")
+
+
 def load_manifest(path, *, tensorrt_engines: bool = False) -> Manifest:
     """Reads and verifies the bundle at `path` (a folder, or its manifest.json); BundleError if unusable.
 
@@ -401,6 +421,7 @@ def load_manifest(path, *, tensorrt_engines: bool = False) -> Manifest:
         except BundleError as error:
             raise BundleError(f"{manifest_path}: schedules.{name}: {error}") from None
 
+    _check_default_sampling(defaults, schedules, len(sizes), manifest_path)
     inputs, outputs = expected_signature(None, 0, channels, length, width, False)
     _check_signature(stages["text_encoder"], inputs, outputs, width)
     for index, size in enumerate(sizes):

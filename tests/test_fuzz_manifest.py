@@ -63,6 +63,8 @@ def _mutate(manifest, data):
             parent[path[-1]]  # noqa: B018 - the path may have gone with an earlier mutation
         except (KeyError, IndexError, TypeError):
             continue
+        if not isinstance(parent, (dict, list)):  # an earlier mutation turned a container into a string
+            continue
         action = data.draw(st.sampled_from(["replace", "delete", "wrap", "nasty", "number"]), label="action")
         key = path[-1]
         if action == "delete":
@@ -148,6 +150,10 @@ FOUND = {
     "default a huge integer": (("defaults", "guidance_scale"), 10**400, r"defaults\.guidance_scale"),
     "file name too long": (("stages", "unet_0", "file"), "\u00fc" * 300, r"cannot read stage unet_0"),
     "file name with NUL": (("stages", "unet_1", "file"), "unet_1\x00.onnx", r"NUL character"),
+    # Checked at load rather than at the first request:
+    "default sampler unknown": (("defaults", "sampler"), "euler", r"defaults\.sampler"),
+    "default steps above the timesteps": (("defaults", "steps"), 10**6, r"defaults\.steps"),
+    "default steps a string": (("defaults", "steps"), "25", r"defaults\.steps"),
 }
 
 
