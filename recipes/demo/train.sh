@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The demo cascade shipped in the package: trained on the built-in shapes data on a 2-core
-# CPU, exported to an FP32 ONNX bundle and copied into runtime/demo/.
+# The demo cascade shipped in the package (runtime/demo/): trained on the built-in shapes data
+# on a 2-core CPU, exported to an FP32 ONNX bundle whose default is DPM-Solver++(2M) at 25 steps,
+# with this recipe copied beside it. Run from the repository root:
 #   bash recipes/demo/train.sh [RUN_DIR] [STEPS]
+# The learning rate is constant, so a run's checkpoint at step N equals a run of N steps.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${1:-runs/demo}
@@ -10,5 +12,9 @@ imagen-train --dataset shapes --out "$run" \
   --unet "$here/unet_base.json" --unet "$here/unet_super.json" --image-sizes 32,64 \
   --timesteps 250 --batch-size 16 --steps "$steps" --lr 3e-4 --ema-decay 0.995 \
   --cond-drop-prob 0.1 --guidance 3.0 --max-length 64 --text-encoder tiny \
-  --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --force
-imagen-export --ckpt "$run" --out "$run/bundle" --weights ema --max-batch 8 --force
+  --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --resume
+imagen-export --ckpt "$run" --out runtime/demo --weights ema --max-batch 8 \
+  --sampler dpmpp_2m --steps 25 --force
+mkdir -p runtime/demo/recipe
+cp "$here/train.sh" "$here/unet_base.json" "$here/unet_super.json" runtime/demo/recipe/
+imagen-eval --prompts train --n 16 --seed 0 --grid docs/demo_grid.png --force --quiet
