@@ -40,6 +40,8 @@ def _int_list(value: str | None) -> tuple | None:
               help="'tiny' (offline byte-level T5, random) or a local T5 folder.")
 @click.option("--max-length", type=int, default=64, show_default=True, help="Text tokens per prompt.")
 @click.option("--train-unets", default=None, help="Comma-separated Unet indices to train (default: all).")
+@click.option("--lowres-max-noise", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="Super-resolution training: low-res noise augmentation times drawn below this fraction of T.")
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--val-every", type=int, default=200, show_default=True)
@@ -52,8 +54,8 @@ def _int_list(value: str | None) -> tuple | None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size, steps, epochs, lr, cond_drop_prob,
-         guidance, text_encoder, max_length, train_unets, ema_decay, grad_accum, val_every, checkpoint_every,
-         sample_every, seed, threads, resume, force, quiet, debug):
+         guidance, text_encoder, max_length, train_unets, lowres_max_noise, ema_decay, grad_accum, val_every,
+         checkpoint_every, sample_every, seed, threads, resume, force, quiet, debug):
     """Train an Imagen cascade (PyTorch reference) into a run directory."""
     try:
         sizes = _int_list(image_sizes)
@@ -62,7 +64,8 @@ def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size,
             unet_overrides={"dim": dim} if dim else {}, image_sizes=sizes, timesteps=timesteps,
             schedule=schedule, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr,
             cond_drop_prob=cond_drop_prob, guidance_scale=guidance, text_encoder=text_encoder,
-            max_length=max_length, train_unets=_int_list(train_unets), ema_decay=ema_decay,
+            max_length=max_length, train_unets=_int_list(train_unets), lowres_max_noise_level=lowres_max_noise,
+            ema_decay=ema_decay,
             grad_accum=grad_accum, val_every=val_every, checkpoint_every=checkpoint_every,
             sample_every=sample_every, seed=seed, threads=threads, resume=resume, force=force,
             progress=False if quiet else None)

@@ -70,8 +70,11 @@ class GaussianDiffusion(nn.Module):
         """The timestep for a noise level in [0, 1]: int(level * T), as MinImagen."""
         return torch.full((batch,), int(self.num_timesteps * noise_level), device=device, dtype=torch.long)
 
-    def sample_random_times(self, batch: int, generator: torch.Generator | None = None, device=None):
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+    def sample_random_times(self, batch: int, generator: torch.Generator | None = None, device=None,
+                            max_level: float = 1.0):
+        """Uniform integer times in [0, max(1, int(max_level * T)))."""
+        high = max(1, int(max_level * self.num_timesteps))
+        return torch.randint(0, high, (batch,), generator=generator, device=device)
 
     def sampling_timesteps(self) -> list[int]:
         return list(reversed(range(self.num_timesteps)))

@@ -108,8 +108,12 @@ class Imagen(nn.Module):
     # Training
 
     def loss(self, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
-             unet_index: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L2 loss on the noise predicted by Unet `unet_index` for images (b, c, h, w) in [0, 1]."""
+             unet_index: int, generator: torch.Generator | None = None,
+             lowres_max_noise_level: float = 1.0) -> torch.Tensor:
+        """L2 loss on the noise predicted by Unet `unet_index` for images (b, c, h, w) in [0, 1].
+
+        Super-resolution Unets see their low-res image noised to a time drawn uniformly below
+        `lowres_max_noise_level * T` (1.0, all of them, as MinImagen)."""
         unet = self.unets[unet_index]
         schedule = self.noise_schedulers[unet_index]
         size = self.image_sizes[unet_index]
@@ -124,7 +128,8 @@ class Imagen(nn.Module):
             low = resize_image(images, self.image_sizes[unet_index - 1], clamp_range=(0.0, 1.0))
             low = resize_image(low, size, clamp_range=(0.0, 1.0)) * 2 - 1
             # One augmentation level per batch, as MinImagen; normalised before noising.
-            aug = self.lowres_noise_schedule.sample_random_times(1, generator=generator, device=device)
+            aug = self.lowres_noise_schedule.sample_random_times(1, generator=generator, device=device,
+                                                                 max_level=lowres_max_noise_level)
             lowres_noise_times = aug.expand(batch)
             lowres_cond_img = self.lowres_noise_schedule.q_sample(low, lowres_noise_times, randn(low.shape))
             lowres_noise_times = lowres_noise_times.float()

@@ -55,6 +55,9 @@ class TrainConfig:
     text_encoder: str = "tiny"  # 'tiny' (offline byte-level T5) or a local T5 folder
     max_length: int = 64
     train_unets: tuple | None = None  # indices; None trains all
+    # Low-res augmentation in training: noise times drawn below this fraction of T. Small
+    # super-resolution Unets trained over the full range learn to ignore their low-res input.
+    lowres_max_noise_level: float = 1.0
     ema_decay: float = 0.999
     grad_accum: int = 1
     val_every: int = 200
@@ -177,7 +180,8 @@ def _validation_loss(imagen: Imagen, data, embed, config: TrainConfig, trained: 
             images, captions = draw_batch(data, config.batch_size, config.seed, batch, split_offset=1)
             embeds, mask = embed(captions)
             generator = torch.Generator().manual_seed(10_000 + batch)
-            total += sum(imagen.loss(images, embeds, mask, i, generator).item() for i in trained)
+            total += sum(imagen.loss(images, embeds, mask, i, generator, config.lowres_max_noise_level).item()
+                         for i in trained)
     return total / config.val_batches
 
 
@@ -201,9 +205,10 @@ def train(config: TrainConfig, log=None) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     imagen, encoder, run, out = _prepare_run(config)
-    if config.resume:  # the run's own settings win; only the length and intervals may change
+    if config.resume:  # the run's own settings win; only the length, intervals and phase may change
         saved = {**run["train"], **{k: getattr(config, k) for k in (
-            "steps", "epochs", "val_every", "checkpoint_every", "sample_every", "threads", "progress")}}
+            "steps", "epochs", "val_every", "checkpoint_every", "sample_every", "threads", "progress",
+            "train_unets", "lowres_max_noise_level")}}
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
                 if k in names and k not in ("out", "resume", "force")}
@@ -254,7 +259,8 @@ def train(config: TrainConfig, log=None) -> dict:
                 images, captions = draw_batch(data, config.batch_size, config.seed, step * config.grad_accum + micro)
                 embeds, mask = embed(captions)
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + micro)
-                loss = sum(imagen.loss(images, embeds, mask, i, generator) for i in trained)
+                loss = sum(imagen.loss(images, embeds, mask, i, generator, config.lowres_max_noise_level)
+                           for i in trained)
                 # Averaged over the accumulated micro-batches (MinImagen sums them).
                 (loss / config.grad_accum).backward()
                 loss_value += loss.item() / config.grad_accum

@@ -226,3 +226,22 @@ def test_noise_source_checks_injected_shapes():
     assert source((2, 3)).shape == (2, 3)
     with pytest.raises(ValueError, match="shape"):
         make_noise_source([np.zeros((2, 3), np.float32)])((3, 3))
+
+
+def test_lowres_augmentation_in_training_stays_below_its_limit():
+    schedule = GaussianDiffusion(timesteps=250)
+    times = schedule.sample_random_times(20_000, generator=torch.Generator().manual_seed(0), max_level=0.3)
+    assert int(times.min()) == 0 and int(times.max()) == 74  # uniform over [0, int(0.3 * 250))
+    assert int(schedule.sample_random_times(1000, max_level=1e-6).max()) == 0
+
+    torch.manual_seed(0)
+    unets = [preset_config("BaseTest", max_text_len=TEXT_LEN), preset_config("SuperTest", max_text_len=TEXT_LEN)]
+    imagen = Imagen(unets, ImagenConfig(image_sizes=(8, 16), timesteps=25), TEXT_DIM)
+    seen = []
+    draw = imagen.lowres_noise_schedule.sample_random_times
+    imagen.lowres_noise_schedule.sample_random_times = lambda *a, **k: seen.append(draw(*a, **k)) or seen[-1]
+    images, embeds = torch.rand(2, 3, 16, 16), torch.randn(2, TEXT_LEN, TEXT_DIM)
+    mask = torch.ones(2, TEXT_LEN, dtype=torch.bool)
+    for seed in range(20):
+        imagen.loss(images, embeds, mask, 1, torch.Generator().manual_seed(seed), lowres_max_noise_level=0.2)
+    assert max(int(t.max()) for t in seen) < 5 and len(seen) == 20
