@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo cascade shipped in the package (runtime/demo/): trained on the built-in shapes data
-# on a 2-core CPU (about 70 minutes), exported to an FP32 ONNX bundle whose default sampler is
+# on a 2-core CPU (about 60 minutes), exported to an FP32 ONNX bundle whose default sampler is
 # DPM-Solver++(2M) at 25 steps, with this recipe copied beside it. From the repository root:
 #   bash recipes/demo/train.sh [RUN_DIR]
 # Two phases of one run. The learning rate is constant and a resumed run continues exactly,
@@ -18,7 +18,7 @@ common=(--dataset shapes --out "$run"
   --cond-drop-prob 0.1 --guidance 3.0 --max-length 64 --text-encoder tiny
   --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --resume)
 imagen-train "${common[@]}" --steps 3250
-imagen-train "${common[@]}" --steps 4500 --lowres-max-noise 0.3
+imagen-train "${common[@]}" --steps 4000 --lowres-max-noise 0.3
 imagen-export --ckpt "$run" --out runtime/demo --weights ema --max-batch 8 \
   --sampler dpmpp_2m --steps 25 --force
 mkdir -p runtime/demo/recipe
