@@ -31,6 +31,9 @@ from .imagen import Imagen, ImagenConfig
 from .text_encoder import TextEncoder, TextEncoderError
 from .unet import UnetConfig
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 RUN_FORMAT, RUN_FORMAT_VERSION = "imagen-run", 1
 WEIGHT_KINDS = ("latest", "best", "ema")
 
@@ -44,6 +47,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -58,6 +62,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)

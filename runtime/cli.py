@@ -18,6 +18,9 @@ from imagen._cli import one_line_command
 
 from .errors import ImagenError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 EXIT_USAGE, EXIT_UNEXPECTED = 2, 1
 
 
@@ -54,6 +57,7 @@ def write_png(image, path: Path, info: dict, force: bool) -> None:
     metadata.add_text("guidance", repr(info["guidance_scale"]))
     metadata.add_text("bundle_sha", info["bundle_sha"])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=metadata)

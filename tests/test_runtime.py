@@ -3,6 +3,7 @@ PyTorch reference; bundle verification; parameter, signature and non-finite erro
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -825,6 +826,9 @@ def test_cli_writes_png_with_metadata_and_refuses_overwrite(bundle_fp32, tmp_pat
     assert result.exit_code == 0, result.output
     image = Image.open(out)
     assert image.size == (32, 32) and image.mode == "RGB"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert image.text["prompt"] == "a red circle" and image.text["seed"] == "4"
     assert image.text["sampler"] == "ddpm" and json.loads(image.text["steps"]) == [3, 3]
     assert (
