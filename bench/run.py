@@ -568,9 +568,10 @@ def steps_vs_quality(bundle, *, threads: int, n: int = 48, batch: int = 8, split
     pipe(prompts_for(1), sampler="ddim", steps=1, seed=seed)  # warm
     rows = []
     for label, sampler, steps in QUALITY_CONFIGS:
-        used = None if steps is None else min(steps, total)
+        # Explicit steps: None would mean the bundle's default steps, not every timestep.
+        used = total if steps is None else min(steps, total)
         report = evaluate(pipe, split, n, batch_size=batch, seed=seed, sampler=sampler, steps=used)
-        rows.append({"config": label, "sampler": sampler, "steps": used if used is not None else total,
+        rows.append({"config": label, "sampler": sampler, "steps": used,
                      "capped": steps is not None and steps > total, "exact": report["accuracy"]["exact"],
                      "accuracy": {k: v for k, v in report["accuracy"].items() if k != "exact"},
                      "images_per_second": report["images_per_second"]})
