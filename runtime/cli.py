@@ -111,43 +111,10 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="Print per-image info as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(
-    prompts,
-    bundle,
-    out,
-    out_dir,
-    seed,
-    steps,
-    sampler,
-    guidance,
-    num_images,
-    eta,
-    backend,
-    threads,
-    quiet,
-    as_json,
-    force,
-    debug,
-):
+def main(debug, **options):
     """Generate images for PROMPT(s) with an exported bundle."""
     try:
-        _run(
-            list(prompts),
-            bundle,
-            out,
-            out_dir,
-            seed,
-            steps,
-            sampler,
-            guidance,
-            num_images,
-            eta,
-            backend,
-            threads,
-            quiet,
-            as_json,
-            force,
-        )
+        _run(**options)
     except click.ClickException:
         raise
     except (ImagenError, ValueError, OSError) as error:
@@ -167,23 +134,9 @@ def main(
         sys.exit(EXIT_UNEXPECTED)
 
 
-def _run(
-    prompts,
-    bundle,
-    out,
-    out_dir,
-    seed,
-    steps,
-    sampler,
-    guidance,
-    num_images,
-    eta,
-    backend,
-    threads,
-    quiet,
-    as_json,
-    force,
-):
+def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_images, eta, backend, threads, quiet,
+         as_json, force):
+    prompts = list(prompts)
     from .pipeline import Pipeline
 
     count = len(prompts) * max(num_images, 1)
