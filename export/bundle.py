@@ -102,16 +102,20 @@ def _publish(staging: Path, out: Path) -> None:
 def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tensorrt: bool = False,
                   weights: str = "latest", max_batch: int = 8, opset: int = 18,
                   text_encoder: str | Path | None = None, force: bool = False, sampler: str = "ddpm",
-                  steps: int | None = None, report: Callable[[str], None] | None = None) -> dict:
+                  steps: int | None = None, sr_strength: float = 1.0,
+                  report: Callable[[str], None] | None = None) -> dict:
     """Exports every stage, measures parity, optionally builds TensorRT engines; returns the manifest.
 
-    `sampler` and `steps` become the bundle's defaults (steps None: every trained timestep)."""
+    `sampler`, `steps` and `sr_strength` become the bundle's defaults (steps None: every trained
+    timestep; sr_strength 1: super-resolution from pure noise)."""
     say = report or (lambda message: None)
     out = Path(out)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+    if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0 < sr_strength <= 1:
+        raise ValueError(f"sr_strength must be a number in (0, 1], got {sr_strength!r}")
     if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
         raise ValueError(f"max_batch must be an integer in [1, 1024], got {max_batch!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,7 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
         if steps is not None and steps > timesteps:
             raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {steps}")
         manifest = _write_stages(run, staging, fp16, max_batch, opset, force, say)
-        manifest["defaults"].update(sampler=sampler, steps=steps)
+        manifest["defaults"].update(sampler=sampler, steps=steps, sr_strength=float(sr_strength))
         if tensorrt:
             manifest["tensorrt"] = _build_engines(manifest, staging, fp16, say)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -26,10 +26,14 @@ from .bundle import export_bundle
               help="The bundle's default sampler.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="The bundle's default steps per Unet (default: every trained timestep).")
+@click.option("--sr-strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="The bundle's default share of steps a super-resolution Unet runs from its noised "
+                   "upsampled input (1: from pure noise).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle; also write one that fails parity.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, sampler, steps, force, quiet, debug):
+def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, sampler, steps, sr_strength, force,
+         quiet, debug):
     """Export a trained cascade to an ONNX bundle (and TensorRT engines)."""
 
     def report(message):
@@ -38,7 +42,8 @@ def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, sam
 
     try:
         export_bundle(ckpt, out, fp16=fp16, tensorrt=tensorrt, weights=weights, max_batch=max_batch, opset=opset,
-                      text_encoder=text_encoder, force=force, sampler=sampler, steps=steps, report=report)
+                      text_encoder=text_encoder, force=force, sampler=sampler, steps=steps,
+                      sr_strength=sr_strength, report=report)
     except KeyboardInterrupt:
         click.echo("imagen-export: interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -165,12 +165,14 @@ class Imagen(nn.Module):
     @torch.no_grad()
     def sample(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, guidance_scale: float | None = None,
                lowres_sample_noise_level: float | None = None, sampler: str = "ddpm",
-               steps: int | tuple | None = None, eta: float = 0.0, noise=None, stop_at_unet: int | None = None,
-               callback: Callable | None = None) -> torch.Tensor:
+               steps: int | tuple | None = None, eta: float = 0.0, sr_strength: float = 1.0, noise=None,
+               stop_at_unet: int | None = None, callback: Callable | None = None) -> torch.Tensor:
         """Images (b, c, s, s) in [0, 1] for text_embeds (b, n, d), text_mask (b, n).
 
         `sampler`: ddpm (ancestral; all trained timesteps by default), ddim or dpmpp_2m;
         `steps`: per Unet (an int for all, or a tuple), None for all timesteps.
+        `sr_strength`: super-resolution Unets start from their upsampled input noised to the
+        timestep that leaves round(steps * sr_strength) steps (1.0: from pure noise, as Imagen).
         `noise`: None, a NumPy Generator or arrays (make_noise_source), drawn in the order of
         docs/bundle.md. `callback(unet_index, step, t, x)` sees x after every step.
         """
@@ -197,9 +199,13 @@ class Imagen(nn.Module):
                 times = torch.full((x.shape[0],), t, dtype=torch.long)
                 return dynamic_threshold(schedule.predict_start_from_noise(x, times, eps), percentile)
 
-            timesteps = spaced_timesteps(schedule.num_timesteps, steps_per_unet[index] or schedule.num_timesteps)
+            strength = sr_strength if index > 0 else 1.0
+            timesteps = spaced_timesteps(schedule.num_timesteps, steps_per_unet[index] or schedule.num_timesteps,
+                                         strength)
             step_callback = None if callback is None else (lambda i, t, x, index=index: callback(index, i, t, x))
             x = draw((batch, self.config.channels, size, size))
+            if strength < 1:
+                x = schedule.q_sample(up, torch.full((batch,), timesteps[0], dtype=torch.long), x)
             x = run_sampler(sampler, denoise, x, schedule.alphas_cumprod.numpy(), timesteps, draw, eta,
                             step_callback)
             x = x.clamp(-1.0, 1.0)

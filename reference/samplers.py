@@ -17,13 +17,17 @@ import torch
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
-def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spaced from T-1 down to 0 (all of them when steps == T)."""
+def spaced_timesteps(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:
+    """`steps` timesteps evenly spaced from T-1 down to 0 (all of them when steps == T); with
+    `strength` < 1 only the last max(1, round(steps * strength)) of them."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     if steps == 1:
         return [num_timesteps - 1]
-    return [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int64)]
+    spaced = [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int64)]
+    return spaced if strength == 1 else spaced[-max(1, round(steps * strength)):]
 
 
 def _pairs(alphas_cumprod: np.ndarray, timesteps: list[int]):

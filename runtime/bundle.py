@@ -294,7 +294,7 @@ def _bundle_root(path) -> Path:
 
 def _check_default_sampling(defaults: dict, schedules: dict, unets: int, manifest_path: Path) -> None:
     """defaults.sampler names a sampler; defaults.steps is null, an integer, or {"unet_i": n},
-    each within the Unet's timesteps."""
+    each within the Unet's timesteps; defaults.sr_strength, when present, is in (0, 1]."""
     from .samplers import SAMPLERS
 
     sampler = defaults.get("sampler", "ddpm")
@@ -310,6 +310,10 @@ def _check_default_sampling(defaults: dict, schedules: dict, unets: int, manifes
         if total is None or isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= total:
             raise BundleError(f"{manifest_path}: defaults.steps {steps!r} is not null, an integer in [1, "
                               f"timesteps] or {{\"unet_i\": n}} per Unet; {REEXPORT}")
+    strength = defaults.get("sr_strength", 1.0)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise BundleError(f"{manifest_path}: defaults.sr_strength {strength!r} is not a number in (0, 1]; "
+                          f"{REEXPORT}")
 
 
 def load_manifest(path, *, tensorrt_engines: bool = False) -> Manifest:

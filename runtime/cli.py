@@ -54,6 +54,7 @@ def write_png(image, path: Path, info: dict, force: bool) -> None:
     metadata.add_text("seed", str(info["seed"]))
     metadata.add_text("sampler", info["sampler"])
     metadata.add_text("steps", json.dumps(info["steps"]))
+    metadata.add_text("sr_strength", repr(info["sr_strength"]))
     metadata.add_text("guidance", repr(info["guidance_scale"]))
     metadata.add_text("bundle_sha", info["bundle_sha"])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -98,11 +99,18 @@ class _Progress:
 @click.option("-o", "--out", default=None, help="Output PNG for a single image.")
 @click.option("--out-dir", default=None, help="Folder for several images (default imagen-out/).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, reported).")
-@click.option("--steps", type=int, default=None, help="Sampler steps per Unet (default: all timesteps).")
+@click.option("--steps", type=int, default=None, help="Sampler steps per Unet (default: the bundle's).")
 @click.option("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
+@click.option(
+    "--sr-strength",
+    type=float,
+    default=None,
+    help="Share of steps a super-resolution Unet runs from its noised upsampled input, in (0, 1] "
+    "(1: from pure noise; default: the bundle's).",
+)
 @click.option(
     "--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True
 )
@@ -134,8 +142,8 @@ def main(debug, **options):
         sys.exit(EXIT_UNEXPECTED)
 
 
-def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_images, eta, backend, threads, quiet,
-         as_json, force):
+def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_images, eta, sr_strength, backend,
+         threads, quiet, as_json, force):
     prompts = list(prompts)
     from .pipeline import Pipeline
 
@@ -148,8 +156,7 @@ def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_imag
     pipe = Pipeline.load(bundle, backend=backend, threads=threads)
     progress = None
     if not quiet and sys.stderr.isatty():
-        steps_per_unet = pipe._steps(steps)
-        progress = _Progress(steps_per_unet, [u.name for u in pipe.manifest.unets])
+        progress = _Progress(pipe.model_calls(steps, sr_strength), [u.name for u in pipe.manifest.unets])
     try:
         result = pipe(
             prompts,
@@ -159,6 +166,7 @@ def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_imag
             seed=seed,
             num_images_per_prompt=num_images,
             eta=eta,
+            sr_strength=sr_strength,
             callback=progress,
         )
     finally:

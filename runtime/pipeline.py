@@ -131,7 +131,7 @@ class Pipeline:
 
     # Validation
 
-    def _validate(self, prompts, steps, sampler, guidance_scale, seed, num_images, eta, generator):
+    def _validate(self, prompts, steps, sampler, guidance_scale, seed, num_images, eta, generator, sr_strength):
         if isinstance(prompts, str):
             prompts = [prompts]
         elif isinstance(prompts, (list, tuple)):
@@ -157,6 +157,7 @@ class Pipeline:
             raise ParameterError("guidance_scale", "a finite number >= 0", guidance_scale)
         if not _is_number(eta) or not math.isfinite(eta) or not 0 <= eta <= 1:
             raise ParameterError("eta", "a number in [0, 1]", eta)
+        sr_strength = self._sr_strength(sr_strength)
         if generator is not None:
             if not isinstance(generator, np.random.Generator):
                 raise ParameterError(
@@ -166,7 +167,20 @@ class Pipeline:
                 raise ParameterError("seed", "None when a generator is given", seed)
         elif seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
             raise ParameterError("seed", "None or an integer in [0, 2**63)", seed)
-        return prompts, steps_per_unet, sampler, float(scale), float(eta)
+        return prompts, steps_per_unet, sampler, float(scale), float(eta), sr_strength
+
+    def _sr_strength(self, sr_strength) -> float:
+        value = self.defaults.get("sr_strength", 1.0) if sr_strength is None else sr_strength
+        if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
+            raise ParameterError("sr_strength", "a number in (0, 1] (1: super-resolution from pure noise)",
+                                 sr_strength)
+        return float(value)
+
+    def model_calls(self, steps=None, sr_strength=None) -> list[int]:
+        """Unet calls per stage for these settings (what a progress bar counts to)."""
+        strength = self._sr_strength(sr_strength)
+        return [len(self.manifest.schedules[f"unet_{i}"].timesteps(n, strength if i > 0 else 1.0))
+                for i, n in enumerate(self._steps(steps))]
 
     def _steps(self, steps) -> list[int]:
         totals = [self.manifest.schedules[f"unet_{i}"].num_timesteps for i in range(self.num_unets)]
@@ -208,13 +222,19 @@ class Pipeline:
         seed: int | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
+        sr_strength: float | None = None,
         strict: bool = False,
         callback: Callable | None = None,
         generator: np.random.Generator | None = None,
     ) -> Result:
+        """Images for `prompts` (a str or a list). None takes the bundle's default: `steps`
+        (per Unet, an int or a list), `sampler`, `guidance_scale`, and `sr_strength`, the share
+        of its steps a super-resolution Unet runs, starting from its noised upsampled input
+        (1: from pure noise). `seed` or `generator` fixes the noise; `strict` turns prompt
+        truncation into an error."""
         start = time.perf_counter()
-        prompts, steps_per_unet, sampler, scale, eta = self._validate(
-            prompts, steps, sampler, guidance_scale, seed, num_images_per_prompt, eta, generator
+        prompts, steps_per_unet, sampler, scale, eta, sr_strength = self._validate(
+            prompts, steps, sampler, guidance_scale, seed, num_images_per_prompt, eta, generator, sr_strength
         )
         input_ids, attention_mask, truncated = self.tokenizer(prompts, strict=strict)
         if generator is None:
@@ -237,6 +257,7 @@ class Pipeline:
             steps=steps_per_unet,
             guidance_scale=scale,
             eta=eta,
+            sr_strength=sr_strength,
             callback=callback,
             timings=timings,
         )
@@ -254,6 +275,7 @@ class Pipeline:
                     "steps": list(steps_per_unet),
                     "guidance_scale": scale,
                     "eta": eta,
+                    "sr_strength": sr_strength,
                     "truncated": truncated[prompt_index],
                     "bundle_sha": self.manifest.short_sha,
                     "backend": self.backend_name,
@@ -272,6 +294,7 @@ class Pipeline:
         steps: list[int],
         guidance_scale: float,
         eta: float = 0.0,
+        sr_strength: float = 1.0,
         callback: Callable | None = None,
         timings: dict | None = None,
     ) -> np.ndarray:
@@ -330,13 +353,20 @@ class Pipeline:
             step_callback = (
                 None if callback is None else (lambda i, t, x, index=index: callback(index, i, t, x))
             )
+            strength = sr_strength if index > 0 else 1.0
+            timesteps = schedule.timesteps(steps[index], strength)
             x = draw((batch, manifest.channels, size, size))
+            if strength < 1:
+                x = (
+                    schedule.coef("sqrt_alphas_cumprod", timesteps[0]) * up
+                    + schedule.coef("sqrt_one_minus_alphas_cumprod", timesteps[0]) * x
+                )
             x = run_sampler(
                 sampler,
                 denoise,
                 x,
                 schedule.alphas_cumprod,
-                schedule.timesteps(steps[index]),
+                timesteps,
                 draw,
                 eta,
                 step_callback,

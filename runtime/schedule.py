@@ -56,15 +56,21 @@ class Schedule:
         """One coefficient at t, taken in float64 and cast to float32."""
         return np.float32(getattr(self, name)[t])
 
-    def timesteps(self, steps: int | None = None) -> list[int]:
-        """`steps` timesteps from T-1 down to 0: round(linspace(T - 1, 0, steps)); all T when None."""
+    def timesteps(self, steps: int | None = None, strength: float = 1.0) -> list[int]:
+        """`steps` timesteps from T-1 down to 0: round(linspace(T - 1, 0, steps)); all T when None.
+
+        With `strength` < 1 only the last max(1, round(steps * strength)) of them are kept
+        (a super-resolution Unet that starts from its noised low-res image)."""
         total = self.num_timesteps
         steps = total if steps is None else steps
         if not 1 <= steps <= total:
             raise ValueError(f"steps must be in [1, {total}], got {steps}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         if steps == 1:
             return [total - 1]
-        return [int(t) for t in np.round(np.linspace(total - 1, 0, steps)).astype(np.int64)]
+        spaced = [int(t) for t in np.round(np.linspace(total - 1, 0, steps)).astype(np.int64)]
+        return spaced if strength == 1 else spaced[-max(1, round(steps * strength)):]
 
     def noise_level_timestep(self, level: float) -> int:
         """int(level * T): the augmentation timestep for a noise level in [0, 1]."""

@@ -20,6 +20,9 @@ from imagen._cli import one_line_command
 @click.option("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the bundle's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps per Unet (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--sr-strength", type=float, default=None,
+              help="Share of steps a super-resolution Unet runs from its noised upsampled input (default: the "
+                   "bundle's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the first image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
@@ -30,13 +33,13 @@ from imagen._cli import one_line_command
 @click.option("--force", is_flag=True, help="Overwrite an existing --grid file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json, force,
-         quiet, debug):
+def main(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_size, backend, threads, grid, as_json,
+         force, quiet, debug):
     """Generate images for N `shapes` captions and report accuracy per attribute
     (colour, shape, size, position), the exact-match rate and images per second."""
     try:
-        _run(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json,
-             force, quiet)
+        _run(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_size, backend, threads, grid,
+             as_json, force, quiet)
     except (ImagenError, ValueError, OSError) as error:  # the runtime's typed errors, bad values, files
         if debug:
             raise
@@ -50,8 +53,8 @@ def main(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, 
         sys.exit(1)
 
 
-def _run(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, threads, grid, as_json, force,
-         quiet):
+def _run(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_size, backend, threads, grid, as_json,
+         force, quiet):
     from imagen.runtime import Pipeline
 
     from .evaluate import evaluate, format_report, make_grid
@@ -66,7 +69,7 @@ def _run(bundle, split, n, sampler, steps, guidance, seed, batch_size, backend, 
         bar = tqdm(total=n, desc=f"eval {split}", unit="image", file=sys.stderr)
     try:
         report = evaluate(pipeline, split, n, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps,
-                          guidance_scale=guidance, progress=bar.update if bar else None)
+                          guidance_scale=guidance, sr_strength=sr_strength, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()

@@ -13,7 +13,7 @@ from .scenes import ATTRIBUTES, captions
 
 def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 8, seed: int = 0,
              sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-             progress: Callable[[int], None] | None = None) -> dict:
+             sr_strength: float | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Accuracy per attribute and the exact-match rate over n captions of `split`.
 
     Image i is made with seed `seed + i` (batched `batch_size` at a time, each batch with
@@ -29,8 +29,9 @@ def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 
         chunk = scenes[first:first + batch_size]
         t0 = time.perf_counter()
         result = pipeline([s.caption for s in chunk], seed=seed + first, sampler=sampler, steps=steps,
-                          guidance_scale=guidance_scale)
+                          guidance_scale=guidance_scale, sr_strength=sr_strength)
         generating += time.perf_counter() - t0
+        settings = {key: result.info[0][key] for key in ("sampler", "steps", "guidance_scale", "sr_strength")}
         for scene, image in zip(chunk, result.images):
             objects = analyse(image)
             rows.append({"caption": scene.caption, "expected": scene.labels(),
@@ -39,7 +40,7 @@ def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 
         if progress:
             progress(len(chunk))
     accuracy = {name: float(np.mean([r[name] for r in rows])) for name in (*ATTRIBUTES, "exact")}
-    return {"split": split, "n": n, "accuracy": accuracy, "images_per_second": n / generating,
+    return {"split": split, "n": n, "settings": settings, "accuracy": accuracy, "images_per_second": n / generating,
             "seconds": time.perf_counter() - start, "rows": rows, "images": images}
 
 
@@ -64,4 +65,9 @@ def make_grid(images: list[Image.Image], labels: list[str], columns: int = 4, sc
 def format_report(report: dict) -> str:
     acc = report["accuracy"]
     cells = "  ".join(f"{name} {acc[name] * 100:5.1f}%" for name in (*ATTRIBUTES, "exact"))
-    return f"{report['split']:8s} n={report['n']:<5d} {cells}  {report['images_per_second']:.2f} images/s"
+    settings = report.get("settings")
+    line = f"{report['split']:8s} n={report['n']:<5d} {cells}  {report['images_per_second']:.2f} images/s"
+    if settings:
+        line += (f"  ({settings['sampler']}, steps {settings['steps']}, guidance {settings['guidance_scale']}, "
+                 f"sr_strength {settings['sr_strength']})")
+    return line

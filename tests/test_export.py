@@ -39,6 +39,7 @@ def test_manifest_validates_and_hashes_match(name, request):
     assert manifest["schedules"]["unet_0"]["timesteps"] == 30 and len(manifest["schedules"]["lowres"]["betas"]) == 30
     assert manifest["defaults"]["dynamic_thresholding_percentile"] == 0.9
     assert manifest["defaults"]["lowres_sample_noise_level"] == 0.2
+    assert manifest["defaults"]["sr_strength"] == 1.0
     assert manifest["tokenizer"]["kind"] == "byte" and manifest["text"]["max_length"] == 24
 
 
@@ -95,7 +96,7 @@ def test_existing_bundle_needs_force(bundle_fp32, tiny_run):
     assert (bundle_fp32 / "manifest.json").read_bytes() == before
 
 
-def test_default_sampler_and_steps_are_checked(tiny_run, tmp_path):
+def test_default_sampler_steps_and_sr_strength_are_checked(tiny_run, tmp_path):
     out = tmp_path / "bundle"
     with pytest.raises(ValueError, match="sampler must be one of"):
         export_bundle(tiny_run, out, sampler="euler")
@@ -104,6 +105,11 @@ def test_default_sampler_and_steps_are_checked(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == []
     result = CliRunner().invoke(export_cli, ["--ckpt", str(tiny_run), "--out", str(out), "--steps", "0"])
     assert result.exit_code == 2 and "--steps" in result.output
+    with pytest.raises(ValueError, match=r"sr_strength must be a number in \(0, 1\]"):
+        export_bundle(tiny_run, out, sr_strength=0)
+    result = CliRunner().invoke(export_cli, ["--ckpt", str(tiny_run), "--out", str(out), "--sr-strength", "1.5"])
+    assert result.exit_code == 2 and "--sr-strength" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_parity_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):

@@ -154,6 +154,9 @@ FOUND = {
     "default sampler unknown": (("defaults", "sampler"), "euler", r"defaults\.sampler"),
     "default steps above the timesteps": (("defaults", "steps"), 10**6, r"defaults\.steps"),
     "default steps a string": (("defaults", "steps"), "25", r"defaults\.steps"),
+    "default sr_strength zero": (("defaults", "sr_strength"), 0, r"defaults\.sr_strength"),
+    "default sr_strength above one": (("defaults", "sr_strength"), 1.5, r"defaults\.sr_strength"),
+    "default sr_strength a bool": (("defaults", "sr_strength"), True, r"defaults\.sr_strength"),
 }
 
 

@@ -224,6 +224,18 @@ def test_timesteps_match_reference(steps):
     assert schedule.timesteps(steps)[0] == 29 and schedule.timesteps(steps)[-1] == (0 if steps > 1 else 29)
 
 
+@pytest.mark.parametrize("steps,strength,kept", [(25, 0.6, 15), (30, 0.5, 15), (5, 0.01, 1), (7, 1.0, 7), (1, 0.5, 1)])
+def test_sr_strength_keeps_the_last_steps(steps, strength, kept):
+    from imagen.reference.samplers import spaced_timesteps
+
+    schedule = Schedule(np.linspace(1e-3, 0.5, 30))
+    ours = schedule.timesteps(steps, strength)
+    assert ours == spaced_timesteps(30, steps, strength)
+    assert len(ours) == kept and ours == schedule.timesteps(steps)[len(schedule.timesteps(steps)) - kept:]
+    with pytest.raises(ValueError, match="strength"):
+        schedule.timesteps(steps, 0.0)
+
+
 # Guidance, dynamic thresholding, resize
 
 
@@ -647,6 +659,11 @@ BAD_PARAMETERS = [
     ("sampler", {"sampler": "euler"}),
     ("eta", {"eta": -0.1}),
     ("eta", {"eta": float("nan")}),
+    ("sr_strength", {"sr_strength": 0}),
+    ("sr_strength", {"sr_strength": 1.5}),
+    ("sr_strength", {"sr_strength": float("nan")}),
+    ("sr_strength", {"sr_strength": True}),
+    ("sr_strength", {"sr_strength": "0.5"}),
 ]
 
 
@@ -659,6 +676,21 @@ def test_bad_parameters_raise_parameter_error_naming_them(name, kwargs, fake_bun
         pipe(prompts, **kwargs)
     assert info.value.parameter == name
     assert pipe.backends["text_encoder"].calls == 0  # rejected before any stage ran
+
+
+def test_bundle_default_sr_strength_is_used_and_counted(fake_bundle):
+    pipe = fake_pipeline(fake_bundle)
+    assert pipe.model_calls(steps=10) == [10, 10]
+    full = pipe("a prompt", steps=10, seed=3)
+    edit_manifest(fake_bundle, lambda m: m["defaults"].update(sr_strength=0.3))
+    pipe = fake_pipeline(fake_bundle)
+    assert pipe.model_calls(steps=10) == [10, 3] and pipe.model_calls(steps=10, sr_strength=1) == [10, 10]
+    calls = []
+    short = pipe("a prompt", steps=10, seed=3, callback=lambda u, i, t, x: calls.append((u, t)))
+    assert [t for u, t in calls if u == 1] == pipe.manifest.schedules["unet_1"].timesteps(10)[-3:]
+    assert short.info[0]["sr_strength"] == 0.3 and full.info[0]["sr_strength"] == 1.0
+    assert not np.array_equal(short.array, full.array)
+    np.testing.assert_array_equal(pipe("a prompt", steps=10, seed=3, sr_strength=1.0).array, full.array)
 
 
 def test_parameter_checks_hold_under_python_O(fake_bundle, tmp_path):
@@ -798,6 +830,22 @@ def test_real_bundle_nan_names_stage_and_step_then_recovers(bundle_fp32):
         pipe("a red circle", steps=3, seed=3)
     pipe.backends["unet_1"] = real
     np.testing.assert_array_equal(pipe("a red circle", steps=3, seed=3).array, good)
+
+
+def test_cli_sr_strength(bundle_fp32, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    common = ["a red circle", "--bundle", str(bundle_fp32), "--steps", "4", "--seed", "2", "--threads", "1"]
+    result = CliRunner().invoke(run_cli, [*common, "-o", str(out), "--quiet", "--sr-strength", "0.5"])
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert float(image.text["sr_strength"]) == 0.5
+    pipe = Pipeline.load(bundle_fp32, threads=1)
+    np.testing.assert_array_equal(np.asarray(image), pipe("a red circle", steps=4, seed=2, sr_strength=0.5).array[0])
+    bad = CliRunner().invoke(run_cli, [*common, "-o", str(tmp_path / "bad.png"), "--sr-strength", "0"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: sr_strength must be a number in (0, 1]")
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_cli_writes_png_with_metadata_and_refuses_overwrite(bundle_fp32, tmp_path):

@@ -131,6 +131,40 @@ def test_each_sampler_every_step_fp32(sampler, steps, eta, reference, pipe_fp32)
     assert value >= 45.0
 
 
+@pytest.mark.parametrize("sampler,steps,sr_strength", [("ddpm", 8, 0.5), ("dpmpp_2m", 5, 0.6)])
+def test_sr_strength_every_step_fp32(sampler, steps, sr_strength, reference, pipe_fp32):
+    images, ref_steps = reference_sample(
+        reference, PROMPTS, SEED + 2, sampler=sampler, steps=steps, sr_strength=sr_strength
+    )
+    result, ours = runtime_sample(pipe_fp32, PROMPTS, SEED + 2, sampler=sampler, steps=steps, sr_strength=sr_strength)
+    kept = round(steps * sr_strength)
+    assert len(ours) == steps + kept
+    assert [t for u, _, t, _ in ours if u == 1] == pipe_fp32.manifest.schedules["unet_1"].timesteps(steps)[-kept:]
+    worst = compare_steps(ours, ref_steps, 1e-4, f"{sampler} sr_strength={sr_strength}")
+    value = psnr(result.array, to_uint8(images))
+    print(f"\n{sampler} steps={steps} sr_strength={sr_strength}: worst per-step rel error {worst:.2e}, "
+          f"final PSNR {value:.1f} dB")
+    assert value >= 45.0
+    assert result.info[0]["sr_strength"] == sr_strength
+
+
+def test_small_sr_strength_keeps_the_upsampled_base_image(pipe_fp32):
+    """One super-resolution step at t = 0 starts from the upsampled base image plus noise of
+    std sqrt(beta_0) = 0.058 (T = 30), so the output stays within about that of it (0.067
+    measured); from pure noise it does not (0.55)."""
+    from imagen.runtime.resize import resize_image
+
+    size = pipe_fp32.manifest.image_sizes[1]
+    errors = {}
+    for strength in (0.01, 1.0):
+        result, seen = runtime_sample(pipe_fp32, PROMPTS, SEED, sampler="ddim", steps=[4, 30], sr_strength=strength)
+        base = np.clip([x for u, _, _, x in seen if u == 0][-1], -1, 1)
+        up = (resize_image(base, size) + 1) / 2
+        errors[strength] = rel(result.array.transpose(0, 3, 1, 2) / 255.0, up)
+    print(f"\nrel. distance of the output from the upsampled base image: {errors}")
+    assert errors[0.01] < 0.1 and errors[1.0] > 0.3
+
+
 def test_guidance_scale_one_and_images_per_prompt_match_reference(reference, pipe_fp32):
     import torch
 

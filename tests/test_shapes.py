@@ -88,6 +88,11 @@ def test_imagen_eval_cli_on_a_bundle(bundle_fp32, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["n"] == 3 and set(report["accuracy"]) == {*ATTRIBUTES, "exact"}
+    assert report["settings"] == {"sampler": "ddpm", "steps": [2, 2], "guidance_scale": 5.0, "sr_strength": 1.0}
+    strength = CliRunner().invoke(eval_main, ["--bundle", str(bundle_fp32), "--n", "1", "--steps", "2", "--json",
+                                              "--sr-strength", "0.5"])
+    assert strength.exit_code == 0, strength.output
+    assert json.loads(strength.output)["settings"]["sr_strength"] == 0.5
     assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values()) and report["images_per_second"] > 0
     assert Image.open(grid).size[0] > 0
     again = CliRunner().invoke(eval_main, args)
