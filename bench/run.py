@@ -276,17 +276,19 @@ def reference_vs_runtime(run_dir, bundle, *, threads: int, sampler=None, steps=N
     same_run = source is None or Path(source).resolve() == Path(run_dir).resolve()
     prompts = prompts_for(batch)
     scale = float(pipe.defaults["guidance_scale"])
+    sr_strength = float(pipe.defaults.get("sr_strength", 1.0))
 
     def reference():
         embeds, mask = run.text_encoder.encode(prompts)
         images = run.imagen.sample(embeds, mask, guidance_scale=scale, sampler=sampler, steps=tuple(steps_list),
-                                   noise=np.random.Generator(np.random.PCG64(seed)))
+                                   sr_strength=sr_strength, noise=np.random.Generator(np.random.PCG64(seed)))
         image = images.numpy()
         return np.floor(np.clip(image, 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8).transpose(
             0, 2, 3, 1)
 
     def runtime():
-        return pipe(prompts, sampler=sampler, steps=steps_list, guidance_scale=scale, seed=seed).array
+        return pipe(prompts, sampler=sampler, steps=steps_list, guidance_scale=scale, sr_strength=sr_strength,
+                    seed=seed).array
 
     # Warm both (allocators, thread pools, first-call graph work) with a short request.
     run.imagen.sample(*run.text_encoder.encode(prompts[:1]), sampler="ddim", steps=1, guidance_scale=scale,
@@ -306,7 +308,7 @@ def reference_vs_runtime(run_dir, bundle, *, threads: int, sampler=None, steps=N
     speedup = ref_s / rt_s
     return {
         "config": {"run": str(run_dir), "bundle_source": source, "same_run": same_run, "weights": weights,
-                   "sampler": sampler, "steps": steps_list,
+                   "sampler": sampler, "steps": steps_list, "sr_strength": sr_strength,
                    "batch": batch, "guidance_scale": scale, "seed": seed, "threads": threads,
                    "repeats": max(1, repeats)},
         "reference_s_per_image": ref_s / batch,
@@ -540,7 +542,8 @@ def outside_engine(bundle, *, threads: int, sampler=None, steps=None, batch: int
     outside = total - engine
     share = 100 * outside / total
     return {
-        "config": {"sampler": result.info[0]["sampler"], "steps": result.info[0]["steps"], "batch": batch,
+        "config": {"sampler": result.info[0]["sampler"], "steps": result.info[0]["steps"],
+                   "sr_strength": result.info[0]["sr_strength"], "batch": batch,
                    "threads": threads, "seed": seed},
         "total_s": total,
         "engine_s": engine,
@@ -579,7 +582,7 @@ def steps_vs_quality(bundle, *, threads: int, n: int = 48, batch: int = 8, split
     dpm25 = next(r for r in rows if r["config"] == "DPM-Solver++ 25")["exact"]
     gap = 100 * (ddpm - dpm25)
     return {"config": {"n": n, "batch": batch, "split": split, "seed": seed, "threads": threads,
-                       "timesteps": total},
+                       "timesteps": total, "sr_strength": float(pipe.defaults.get("sr_strength", 1.0))},
             "rows": rows,
             "target": {"what": "DPM-Solver++ 25 exact-match, points below full DDPM", "value": gap, "unit": " points",
                        "goal": "<= 2 points", "met": gap <= 2.0}}
@@ -709,7 +712,8 @@ def render(results: dict) -> str:
             lines += [f"Skipped: {s['1']['skipped']}.", ""]
         else:
             r, c = s["1"], s["1"]["config"]
-            lines += [f"Same sampler ({c['sampler']}), steps {c['steps']}, batch {c['batch']}, guidance "
+            lines += [f"Same sampler ({c['sampler']}), steps {c['steps']}, sr_strength "
+                      f"{c.get('sr_strength', 1.0)}, batch {c['batch']}, guidance "
                       f"{c['guidance_scale']}, noise (PCG64 seed {c['seed']}); {c['threads']} threads on both "
                       f"sides; best of {c['repeats']}. Images differ by at most {r['uint8_max_diff']} uint8 levels "
                       f"({r['uint8_fraction_over_1']:.3%} of values by more than 1).", ""]
@@ -747,7 +751,8 @@ def render(results: dict) -> str:
     if "3" in s:
         r, c = s["3"], s["3"]["config"]
         lines += ["### 3. Time outside engine calls", "",
-                  f"One request of {c['batch']} images, {c['sampler']} {c['steps']} steps, {c['threads']} threads, "
+                  f"One request of {c['batch']} images, {c['sampler']} {c['steps']} steps, sr_strength "
+                  f"{c.get('sr_strength', 1.0)}, {c['threads']} threads, "
                   f"PNG encoding included; {sum(r['engine_calls'].values())} engine calls.", ""]
         lines += _table(["part", "s", "% of total"],
                         [[k, p["seconds"], f"{p['percent']:.2f}%"] for k, p in r["parts"].items()]
@@ -757,7 +762,9 @@ def render(results: dict) -> str:
         r, c = s["4"], s["4"]["config"]
         lines += ["### 4. Steps vs quality", "",
                   f"`imagen-eval` on {c['n']} `{c['split']}` captions (seed {c['seed']}), batch {c['batch']}, "
-                  f"{c['threads']} threads; the schedule has {c['timesteps']} timesteps.", ""]
+                  f"{c['threads']} threads; the schedule has {c['timesteps']} timesteps. Every row uses the "
+                  f"bundle's sr_strength ({c.get('sr_strength', 1.0)}): the super-resolution Unet runs that share "
+                  "of its steps.", ""]
         lines += _table(["sampler", "steps / Unet", "exact match", "images / s"],
                         [[row["config"], f"{row['steps']}{' (capped)' if row['capped'] else ''}",
                           f"{100 * row['exact']:.1f}%", row["images_per_second"]] for row in r["rows"]])
