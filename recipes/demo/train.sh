@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The demo cascade shipped in the package (runtime/demo/): trained on the built-in shapes data
-# on a 2-core CPU (about 60 minutes), exported to an FP32 ONNX bundle whose default sampler is
+# on a 2-core CPU (about 65 minutes), exported to an FP32 ONNX bundle whose default sampler is
 # DPM-Solver++(2M) at 25 steps, with this recipe copied beside it. From the repository root:
 #   bash recipes/demo/train.sh [RUN_DIR]
-# Two phases of one run. The learning rate is constant and a resumed run continues exactly,
-# so the result equals one run that changes its low-res augmentation at step 3250.
-#  1. Both Unets, low-res augmentation over the whole schedule (MinImagen's training).
-#  2. Low-res augmentation times below 0.3 T only: trained over the whole range, the small
-#     super-resolution Unet learns to ignore its low-res input (its input weights for those
-#     channels fall to ~1e-3 of the others) and draws its own shapes.
+# Low-res augmentation is drawn below 0.3 T (MinImagen's spans the whole schedule, which
+# teaches the small super-resolution Unet to ignore its low-res input). Even so, started
+# from pure noise that Unet redraws colours, so the bundle's default sr_strength 0.25 starts
+# it from the noised upsampled base image for the last quarter of its steps.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${1:-runs/demo}
@@ -17,10 +15,9 @@ common=(--dataset shapes --out "$run"
   --timesteps 250 --batch-size 16 --lr 3e-4 --ema-decay 0.995
   --cond-drop-prob 0.1 --guidance 3.0 --max-length 64 --text-encoder tiny
   --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --resume)
-imagen-train "${common[@]}" --steps 3250
 imagen-train "${common[@]}" --steps 4000 --lowres-max-noise 0.3
 imagen-export --ckpt "$run" --out runtime/demo --weights ema --max-batch 8 \
-  --sampler dpmpp_2m --steps 25 --force
+  --sampler dpmpp_2m --steps 25 --sr-strength 0.25 --force
 mkdir -p runtime/demo/recipe
 cp "$here/train.sh" "$here/unet_base.json" "$here/unet_super.json" runtime/demo/recipe/
 imagen-eval --prompts train --n 16 --seed 0 --grid docs/demo_grid.png --force --quiet
