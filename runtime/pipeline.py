@@ -318,11 +318,7 @@ class Pipeline:
                 low = manifest.schedules["lowres"]
                 up = resize_image(x, size)
                 t_aug = low.noise_level_timestep(level)
-                noise = draw(up.shape)
-                cond_img = (
-                    low.coef("sqrt_alphas_cumprod", t_aug) * up
-                    + low.coef("sqrt_one_minus_alphas_cumprod", t_aug) * noise
-                )
+                cond_img = low.q_sample(up, t_aug, draw(up.shape))
                 lowres = {
                     "lowres_cond_img": np.concatenate([cond_img] * copies) if copies > 1 else cond_img,
                     "lowres_noise_times": np.full((rows,), float(t_aug), dtype=np.float32),
@@ -357,10 +353,7 @@ class Pipeline:
             timesteps = schedule.timesteps(steps[index], strength)
             x = draw((batch, manifest.channels, size, size))
             if strength < 1:
-                x = (
-                    schedule.coef("sqrt_alphas_cumprod", timesteps[0]) * up
-                    + schedule.coef("sqrt_one_minus_alphas_cumprod", timesteps[0]) * x
-                )
+                x = schedule.q_sample(up, timesteps[0], x)
             x = run_sampler(
                 sampler,
                 denoise,

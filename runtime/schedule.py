@@ -56,6 +56,10 @@ class Schedule:
         """One coefficient at t, taken in float64 and cast to float32."""
         return np.float32(getattr(self, name)[t])
 
+    def q_sample(self, x0: np.ndarray, t: int, noise: np.ndarray) -> np.ndarray:
+        """DDPM eq. 4 at one timestep: sqrt(a_t) x0 + sqrt(1 - a_t) noise, in float32."""
+        return self.coef("sqrt_alphas_cumprod", t) * x0 + self.coef("sqrt_one_minus_alphas_cumprod", t) * noise
+
     def timesteps(self, steps: int | None = None, strength: float = 1.0) -> list[int]:
         """`steps` timesteps from T-1 down to 0: round(linspace(T - 1, 0, steps)); all T when None.
 
