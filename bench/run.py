@@ -281,7 +281,7 @@ def reference_vs_runtime(run_dir, bundle, *, threads: int, sampler=None, steps=N
     same_run = source is None or Path(source).resolve() == Path(run_dir).resolve()
     prompts = prompts_for(batch)
     scale = float(pipe.defaults["guidance_scale"])
-    sr_strength = float(pipe.defaults.get("sr_strength", 1.0))
+    sr_strength = pipe._sr_strength(None)
 
     def reference():
         embeds, mask = run.text_encoder.encode(prompts)
@@ -597,7 +597,7 @@ def steps_vs_quality(bundle, *, threads: int, n: int = 48, batch: int = 8, split
     dpm25 = next(r for r in rows if r["config"] == "DPM-Solver++ 25")["exact"]
     gap = 100 * (ddpm - dpm25)
     return {"config": {"n": n, "batch": batch, "split": split, "seed": seed, "threads": threads,
-                       "timesteps": total, "sr_strength": float(pipe.defaults.get("sr_strength", 1.0))},
+                       "timesteps": total, "sr_strength": pipe._sr_strength(None)},
             "rows": rows,
             "target": {"what": "DPM-Solver++ 25 exact-match, points below full DDPM", "value": gap, "unit": " points",
                        "goal": "<= 2 points", "met": gap <= 2.0}}

@@ -31,9 +31,6 @@ def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 
         result = pipeline([s.caption for s in chunk], seed=seed + first, sampler=sampler, steps=steps,
                           guidance_scale=guidance_scale, sr_strength=sr_strength)
         generating += time.perf_counter() - t0
-        info = getattr(result, "info", None)  # a Pipeline's Result says which settings it used
-        settings = {key: info[0][key] for key in ("sampler", "steps", "guidance_scale", "sr_strength")} \
-            if info else None
         for scene, image in zip(chunk, result.images):
             objects = analyse(image)
             rows.append({"caption": scene.caption, "expected": scene.labels(),
@@ -42,6 +39,8 @@ def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 
         if progress:
             progress(len(chunk))
     accuracy = {name: float(np.mean([r[name] for r in rows])) for name in (*ATTRIBUTES, "exact")}
+    info = getattr(result, "info", None)  # a Pipeline's Result says which settings it used
+    settings = {key: info[0][key] for key in ("sampler", "steps", "guidance_scale", "sr_strength")} if info else None
     return {"split": split, "n": n, "settings": settings, "accuracy": accuracy, "images_per_second": n / generating,
             "seconds": time.perf_counter() - start, "rows": rows, "images": images}
 
