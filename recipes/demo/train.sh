@@ -10,12 +10,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${1:-runs/demo}
-common=(--dataset shapes --out "$run"
-  --unet "$here/unet_base.json" --unet "$here/unet_super.json" --image-sizes 32,64
-  --timesteps 250 --batch-size 16 --lr 3e-4 --ema-decay 0.995
-  --cond-drop-prob 0.1 --guidance 3.0 --max-length 64 --text-encoder tiny
-  --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --resume)
-imagen-train "${common[@]}" --steps 4000 --lowres-max-noise 0.3
+imagen-train --dataset shapes --out "$run" \
+  --unet "$here/unet_base.json" --unet "$here/unet_super.json" --image-sizes 32,64 \
+  --timesteps 250 --batch-size 16 --lr 3e-4 --ema-decay 0.995 --steps 4000 --lowres-max-noise 0.3 \
+  --cond-drop-prob 0.1 --guidance 3.0 --max-length 64 --text-encoder tiny \
+  --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --resume
 imagen-export --ckpt "$run" --out runtime/demo --weights ema --max-batch 8 \
   --sampler dpmpp_2m --steps 25 --sr-strength 0.25 --force
 mkdir -p runtime/demo/recipe
