@@ -32,6 +32,11 @@ def make_betas(kind: str, timesteps: int) -> np.ndarray:
 
 
 class GaussianDiffusion(nn.Module):
+    """The schedule's float64 buffers and DDPM's closed forms. The torch twin of
+    `imagen.runtime.schedule.Schedule` for `q_sample`, `predict_start_from_noise` and
+    `noise_level_timestep`, where `t` is an int (one timestep for the batch, as in sampling) or
+    a (b,) tensor (one per sample, as in training)."""
+
     def __init__(self, *, timesteps: int, schedule: str = "linear", betas: np.ndarray | None = None):
         super().__init__()
         self.num_timesteps = timesteps
@@ -53,7 +58,10 @@ class GaussianDiffusion(nn.Module):
         register("sqrt_one_minus_alphas_cumprod", (1.0 - alphas_cumprod).sqrt())
         register("sqrt_recip_alphas_cumprod", (1.0 / alphas_cumprod).sqrt())
         register("sqrt_recipm1_alphas_cumprod", (1.0 / alphas_cumprod - 1).sqrt())
-        # DDPM eq. 7: variance and mean coefficients of q(x_{t-1} | x_t, x_0).
+        # DDPM eq. 7: variance and mean coefficients of q(x_{t-1} | x_t, x_0). Sampling does not
+        # use them (the samplers derive a respaced step's coefficients themselves); they stay so
+        # that this module keeps MinImagen's GaussianDiffusion buffers and `q_posterior`, which
+        # the tests check against DDPM's equations. The runtime has no copy of them.
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         register("posterior_variance", posterior_variance)
         # Clipped because the posterior variance is 0 at t = 0.
@@ -62,13 +70,15 @@ class GaussianDiffusion(nn.Module):
         register("posterior_mean_coef2", (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod))
 
     @staticmethod
-    def _extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """a[t] as (b, 1, 1, 1) in x's dtype."""
-        return a[t.long()].to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
+    def _extract(a: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """a[t] in x's dtype, shaped to broadcast over x: (b, 1, 1, 1) for a (b,) tensor t,
+        (1, 1, 1, 1) for an int t."""
+        value = a[t.long()] if isinstance(t, torch.Tensor) else a[int(t)]
+        return value.to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
 
-    def get_times(self, batch: int, noise_level: float, device=None) -> torch.Tensor:
-        """The timestep for a noise level in [0, 1]: int(level * T), as MinImagen."""
-        return torch.full((batch,), int(self.num_timesteps * noise_level), device=device, dtype=torch.long)
+    def noise_level_timestep(self, level: float) -> int:
+        """int(level * T): the timestep of a noise level in [0, 1] (the low-res augmentation's, as MinImagen)."""
+        return int(level * self.num_timesteps)
 
     def sample_random_times(self, batch: int, generator: torch.Generator | None = None, device=None,
                             max_level: float = 1.0):
@@ -76,25 +86,19 @@ class GaussianDiffusion(nn.Module):
         high = max(1, int(max_level * self.num_timesteps))
         return torch.randint(0, high, (batch,), generator=generator, device=device)
 
-    def sampling_timesteps(self) -> list[int]:
-        return list(reversed(range(self.num_timesteps)))
-
-    def q_sample(self, x_start, t, noise):
-        """DDPM eq. 4: x_t = sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) noise."""
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+    def q_sample(self, x0, t, noise):
+        """DDPM eq. 4: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def predict_start_from_noise(self, x_t, t, noise):
-        """Inverts q_sample for x_0 given the predicted noise (DDPM eq. 15)."""
+        """Inverts q_sample for x0 given the predicted noise (DDPM eq. 15)."""
         return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
                 - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
 
-    def q_posterior(self, x_start, x_t, t):
-        """DDPM eqs. 6-7: mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
+    def q_posterior(self, x0, x_t, t):
+        """DDPM eqs. 6-7: mean, variance and clipped log variance of q(x_{t-1} | x_t, x0)."""
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x0
                 + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
         return (mean, self._extract(self.posterior_variance, t, x_t),
                 self._extract(self.posterior_log_variance_clipped, t, x_t))
-
-    def to_manifest(self) -> dict:
-        return {"kind": self.schedule, "timesteps": self.num_timesteps, "betas": self.betas_array.tolist()}

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .diffusion import GaussianDiffusion
-from .guidance import apply_guidance, dynamic_threshold
-from .resize import resize_image
+from .guidance import GuidedDenoiser
+from .images import resize_image
 from .samplers import run_sampler, spaced_timesteps
 from .unet import Unet, UnetConfig
 
@@ -143,25 +143,6 @@ class Imagen(nn.Module):
 
     # Sampling
 
-    def predict_noise(self, unet: Unet, x, t: int, text_embeds, text_mask, guidance_scale: float,
-                      lowres_cond_img=None, lowres_noise_times=None) -> torch.Tensor:
-        """Guided noise prediction; cond and uncond run as one batch of 2B (text_keep)."""
-        batch = x.shape[0]
-        rows = batch if guidance_scale == 1 else 2 * batch
-
-        def rows_of(tensor):
-            return None if tensor is None else tensor.repeat(rows // batch, *((1,) * (tensor.ndim - 1)))
-
-        text_keep = torch.arange(rows) < batch  # B True (cond), then B False (uncond)
-        time = torch.full((rows,), float(t))
-        pred = unet(rows_of(x), time, text_embeds=rows_of(text_embeds), text_mask=rows_of(text_mask),
-                    text_keep=text_keep, lowres_cond_img=rows_of(lowres_cond_img),
-                    lowres_noise_times=rows_of(lowres_noise_times))
-        if rows == batch:
-            return pred
-        cond, uncond = pred.chunk(2)
-        return apply_guidance(cond, uncond, guidance_scale)
-
     @torch.no_grad()
     def sample(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, guidance_scale: float | None = None,
                lowres_sample_noise_level: float | None = None, sampler: str = "ddpm",
@@ -179,7 +160,6 @@ class Imagen(nn.Module):
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         level = self.config.lowres_sample_noise_level if lowres_sample_noise_level is None \
             else lowres_sample_noise_level
-        percentile = self.config.dynamic_thresholding_percentile
         draw = make_noise_source(noise)
         batch = text_embeds.shape[0]
         steps_per_unet = steps if isinstance(steps, (list, tuple)) else (steps,) * len(self.unets)
@@ -187,25 +167,21 @@ class Imagen(nn.Module):
         unets = list(zip(self.unets, self.noise_schedulers, self.image_sizes))[:stop_at_unet]
         for index, (unet, schedule, size) in enumerate(unets):
             unet.eval()
-            lowres_cond_img = lowres_noise_times = None
+            lowres = {}
             if index > 0:
-                up = resize_image(x, size)
-                aug = self.lowres_noise_schedule.get_times(batch, level)
-                lowres_cond_img = self.lowres_noise_schedule.q_sample(up, aug, draw(tuple(up.shape)))
-                lowres_noise_times = aug.float()
-
-            def denoise(x, t, unet=unet, schedule=schedule, lowres=(lowres_cond_img, lowres_noise_times)):
-                eps = self.predict_noise(unet, x, t, text_embeds, text_mask, guidance_scale, *lowres)
-                times = torch.full((x.shape[0],), t, dtype=torch.long)
-                return dynamic_threshold(schedule.predict_start_from_noise(x, times, eps), percentile)
-
+                upsampled = resize_image(x, size)
+                t_aug = self.lowres_noise_schedule.noise_level_timestep(level)
+                lowres_cond_img = self.lowres_noise_schedule.q_sample(upsampled, t_aug, draw(tuple(upsampled.shape)))
+                lowres = {"lowres_cond_img": lowres_cond_img, "lowres_noise_times": torch.full((batch,), float(t_aug))}
+            denoise = GuidedDenoiser(unet, schedule, text_embeds, text_mask, guidance_scale=guidance_scale,
+                                     percentile=self.config.dynamic_thresholding_percentile, **lowres)
             strength = sr_strength if index > 0 else 1.0
             timesteps = spaced_timesteps(schedule.num_timesteps, steps_per_unet[index] or schedule.num_timesteps,
                                          strength)
             step_callback = None if callback is None else (lambda i, t, x, index=index: callback(index, i, t, x))
             x = draw((batch, self.config.channels, size, size))
             if strength < 1:
-                x = schedule.q_sample(up, torch.full((batch,), timesteps[0], dtype=torch.long), x)
+                x = schedule.q_sample(upsampled, timesteps[0], x)
             x = run_sampler(sampler, denoise, x, schedule.alphas_cumprod.numpy(), timesteps, draw, eta,
                             step_callback)
             x = x.clamp(-1.0, 1.0)

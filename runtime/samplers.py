@@ -1,11 +1,14 @@
 """Few-step samplers over a discrete schedule, in the style of k-diffusion: each is a short
 loop over `timesteps` that calls `denoise(x, t) -> x0` (the guided, thresholded data
-prediction) and takes its noise from `noise(shape)`.
+prediction), takes its noise from `noise(shape)` and lets `callback(i, t, x)` see x after step i.
 
-Same formulas and noise draws as `imagen.reference.samplers` (docs/bundle.md, Sampling):
-every coefficient is computed in float64 from `alphas_cumprod` and cast to float32 before
-it multiplies an image; the step after the last timestep goes to alpha_cumprod = 1.
-`callback(step_index, t, x)` sees x after every step.
+Coefficients are computed in float64 from `alphas_cumprod` and cast to float32 once, at the top
+of each step, before they touch an image (docs/bundle.md, Sampling). The step after the last
+timestep goes to alpha_cumprod = 1 (no noise), so every sampler returns a clean image after
+`len(timesteps)` model calls.
+
+The NumPy twin of `imagen.reference.samplers` (torch): same names, formulas, order of float32
+operations and noise draws. Keep the two files line for line alike (docs/bundle.md, Twins).
 """
 
 import math
@@ -13,40 +16,64 @@ from collections.abc import Callable
 
 import numpy as np
 
-Denoise = Callable[[np.ndarray, int], np.ndarray]
-Noise = Callable[[tuple], np.ndarray]
+Array = np.ndarray
+Denoise = Callable[[Array, int], Array]  # (x, t) -> x0
+Noise = Callable[[tuple], Array]  # shape -> standard normal float32 draws
 
 
 def _f32(value: float) -> np.float32:
+    """A float64 coefficient cast to float32: the only way a coefficient meets an image."""
     return np.float32(value)
 
 
+def spaced_timesteps(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:
+    """`steps` timesteps evenly spaced from T-1 down to 0, round(linspace(T - 1, 0, steps)) (all T
+    when steps == T). With `strength` < 1 only the last max(1, round(steps * strength)) are kept:
+    a super-resolution Unet that starts from its noised upsampled input, like img2img's strength."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    spaced = [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int64)]
+    return spaced if strength == 1 else spaced[-max(1, round(steps * strength)) :]
+
+
 def _pairs(alphas_cumprod: np.ndarray, timesteps: list[int]):
-    """(i, t, alpha_cumprod at t, alpha_cumprod at the next timestep, or 1 after the last)."""
+    """(i, t, alpha_cumprod at t, alpha_cumprod at the next timestep, or 1 after the last), in float64."""
     for i, t in enumerate(timesteps):
         a_next = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         yield i, t, float(alphas_cumprod[t]), a_next
 
 
+def _half_log_snr(a: float) -> float:
+    """lambda = log(alpha / sigma), half the log-SNR (DPM-Solver's time variable)."""
+    return 0.5 * math.log(a / (1.0 - a))
+
+
 def sample_ddpm(
     denoise: Denoise,
-    x: np.ndarray,
+    x: Array,
     alphas_cumprod: np.ndarray,
     timesteps: list[int],
     noise: Noise,
     eta: float = 0.0,
     callback: Callable | None = None,
-) -> np.ndarray:
-    """Ancestral DDPM over any subset of the timesteps (beta = 1 - a_t / a_s); `eta` is unused."""
+) -> Array:
+    """Ancestral DDPM over any subset of the trained timesteps: DDPM eq. 6-7 with the step's
+    beta = 1 - a_t / a_s, as in improved DDPM's respacing (exactly DDPM with all T timesteps).
+    `eta` is ignored (the noise is always the posterior's)."""
     for i, t, a_t, a_s in _pairs(alphas_cumprod, timesteps):
-        x0 = denoise(x, t)
         beta = 1.0 - a_t / a_s
-        coef1 = beta * math.sqrt(a_s) / (1.0 - a_t)
-        coef2 = (1.0 - a_s) * math.sqrt(1.0 - beta) / (1.0 - a_t)
-        x = _f32(coef1) * x0 + _f32(coef2) * x
-        if i + 1 < len(timesteps):
-            variance = beta * (1.0 - a_s) / (1.0 - a_t)
-            x = x + _f32(math.exp(0.5 * math.log(max(variance, 1e-20)))) * noise(x.shape)
+        variance = beta * (1.0 - a_s) / (1.0 - a_t)  # beta tilde, DDPM eq. 7
+        c1 = _f32(beta * math.sqrt(a_s) / (1.0 - a_t))  # the posterior mean is c1 * x0 + c2 * x_t (eq. 7)
+        c2 = _f32((1.0 - a_s) * math.sqrt(1.0 - beta) / (1.0 - a_t))
+        c3 = _f32(math.exp(0.5 * math.log(max(variance, 1e-20))))  # its std, from the clipped log variance
+        x0 = denoise(x, t)
+        x = c1 * x0 + c2 * x
+        if i + 1 < len(timesteps):  # the last step goes to alpha_cumprod = 1 and adds no noise
+            x = x + c3 * noise(tuple(x.shape))
         if callback is not None:
             callback(i, t, x)
     return x
@@ -54,21 +81,24 @@ def sample_ddpm(
 
 def sample_ddim(
     denoise: Denoise,
-    x: np.ndarray,
+    x: Array,
     alphas_cumprod: np.ndarray,
     timesteps: list[int],
     noise: Noise,
     eta: float = 0.0,
     callback: Callable | None = None,
-) -> np.ndarray:
-    """DDIM (Song et al. 2021, eq. 12); eps is re-derived from the thresholded x0."""
+) -> Array:
+    """DDIM (Song et al. 2021, eq. 12), with sigma_t(eta) of eq. 16 (eta = 0: deterministic,
+    eta = 1: DDPM's variance). eps is re-derived from the thresholded x0."""
     for i, t, a_t, a_s in _pairs(alphas_cumprod, timesteps):
+        sigma = eta * math.sqrt((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s))  # eq. 16
+        alpha_t, sigma_t = _f32(math.sqrt(a_t)), _f32(math.sqrt(1.0 - a_t))
+        c1, c2, c3 = _f32(math.sqrt(a_s)), _f32(math.sqrt(max(1.0 - a_s - sigma**2, 0.0))), _f32(sigma)
         x0 = denoise(x, t)
-        eps = (x - _f32(math.sqrt(a_t)) * x0) / _f32(math.sqrt(1.0 - a_t))
-        sigma = eta * math.sqrt((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s))
-        x = _f32(math.sqrt(a_s)) * x0 + _f32(math.sqrt(max(1.0 - a_s - sigma**2, 0.0))) * eps
-        if sigma > 0 and i + 1 < len(timesteps):
-            x = x + _f32(sigma) * noise(x.shape)
+        eps = (x - alpha_t * x0) / sigma_t
+        x = c1 * x0 + c2 * eps  # eq. 12: predicted x0, then the direction pointing to x_t
+        if sigma > 0 and i + 1 < len(timesteps):  # eq. 12's random noise; none on the step to x0
+            x = x + c3 * noise(tuple(x.shape))
         if callback is not None:
             callback(i, t, x)
     return x
@@ -76,33 +106,30 @@ def sample_ddim(
 
 def sample_dpmpp_2m(
     denoise: Denoise,
-    x: np.ndarray,
+    x: Array,
     alphas_cumprod: np.ndarray,
     timesteps: list[int],
-    noise: Noise | None = None,
+    noise: Noise,
     eta: float = 0.0,
     callback: Callable | None = None,
-) -> np.ndarray:
-    """DPM-Solver++(2M), data prediction, first order on the first and last step; draws no noise."""
-
-    def lam(a):
-        return 0.5 * math.log(a / (1.0 - a))
-
+) -> Array:
+    """DPM-Solver++(2M) with thresholded data prediction (Lu et al. 2022, alg. 2), first order
+    on the first and the last step. Draws no noise: `noise` and `eta` are ignored."""
     x0_prev, h_prev = None, None
     for i, t, a_t, a_s in _pairs(alphas_cumprod, timesteps):
         x0 = denoise(x, t)
         if i + 1 == len(timesteps):
-            x = x0
+            x = x0  # the step to alpha_cumprod = 1 (lambda = inf) lands on the data prediction
         else:
-            h = lam(a_s) - lam(a_t)
-            ratio = math.sqrt((1.0 - a_s) / (1.0 - a_t))
-            phi = -math.sqrt(a_s) * math.expm1(-h)
+            h = _half_log_snr(a_s) - _half_log_snr(a_t)
+            c1 = _f32(math.sqrt((1.0 - a_s) / (1.0 - a_t)))  # sigma_s / sigma_t
+            c2 = _f32(-math.sqrt(a_s) * math.expm1(-h))  # -alpha_s (e^{-h} - 1)
             if x0_prev is None:
                 d = x0
-            else:
+            else:  # second order: extrapolate the data prediction with r = h_prev / h
                 r = h_prev / h
                 d = _f32(1.0 + 1.0 / (2.0 * r)) * x0 - _f32(1.0 / (2.0 * r)) * x0_prev
-            x = _f32(ratio) * x + _f32(phi) * d
+            x = c1 * x + c2 * d
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback(i, t, x)
@@ -115,13 +142,14 @@ SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmp
 def run_sampler(
     name: str,
     denoise: Denoise,
-    x: np.ndarray,
+    x: Array,
     alphas_cumprod: np.ndarray,
     timesteps: list[int],
     noise: Noise,
     eta: float = 0.0,
     callback: Callable | None = None,
-) -> np.ndarray:
+) -> Array:
+    """Runs the sampler `name` (a key of SAMPLERS)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name](denoise, x, alphas_cumprod, timesteps, noise, eta, callback)
