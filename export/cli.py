@@ -1,28 +1,30 @@
 """`imagen-export`: a thin click command over `imagen.export.bundle.export_bundle`."""
 
-import sys
-
 import click
+from imagen.reference.checkpoint import WEIGHT_KINDS
+from imagen.runtime.samplers import SAMPLERS
 
-from imagen._cli import one_line_command
+from imagen._cli import command, run_command
 
 from .bundle import export_bundle
+from .onnx_export import ExportError
+
+PREFIX = "imagen-export: "
 
 
-@click.command(cls=one_line_command("imagen-export: error: "),
-               context_settings={"help_option_names": ["-h", "--help"]})
+@command("imagen-export", PREFIX)
 @click.option("--ckpt", required=True, type=click.Path(), help="A run directory of imagen-train, or a MinImagen "
               "training directory.")
 @click.option("--out", default="bundle", show_default=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--fp16", is_flag=True, help="FP16 Unets (FP32 inputs and outputs); the T5 encoder stays FP32.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
-@click.option("--weights", type=click.Choice(["latest", "best", "ema"]), default="latest", show_default=True)
+@click.option("--weights", type=click.Choice(WEIGHT_KINDS), default="latest", show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Largest number of images per call (Unets see twice this: cond + uncond).")
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
 @click.option("--text-encoder", type=click.Path(), default=None,
               help="Local T5 folder (needed for MinImagen directories).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp_2m"]), default="ddpm", show_default=True,
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
               help="The bundle's default sampler.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="The bundle's default steps per Unet (default: every trained timestep).")
@@ -40,18 +42,13 @@ def main(ckpt, out, fp16, tensorrt, weights, max_batch, opset, text_encoder, sam
         if not quiet:
             click.echo(message, err=True)
 
-    try:
-        export_bundle(ckpt, out, fp16=fp16, tensorrt=tensorrt, weights=weights, max_batch=max_batch, opset=opset,
-                      text_encoder=text_encoder, force=force, sampler=sampler, steps=steps,
-                      sr_strength=sr_strength, report=report)
-    except KeyboardInterrupt:
-        click.echo("imagen-export: interrupted; nothing was written", err=True)
-        sys.exit(130)
-    except Exception as error:  # every failure gets one line; --debug shows the traceback
-        if debug:
-            raise
-        click.echo(f"imagen-export: error: {error}".replace("\n", " "), err=True)
-        sys.exit(1)
+    # A failed export of the user's checkpoint (ExportError: parity, an ONNX check, a mismatched
+    # text encoder) is theirs to act on, like a bad path.
+    run_command(lambda: export_bundle(ckpt, out, fp16=fp16, tensorrt=tensorrt, weights=weights, max_batch=max_batch,
+                                      opset=opset, text_encoder=text_encoder, force=force, sampler=sampler,
+                                      steps=steps, sr_strength=sr_strength, report=report),
+                debug=debug, prefix=PREFIX, user_errors=(ExportError,),
+                interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

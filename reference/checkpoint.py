@@ -20,19 +20,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from imagen._io import atomic_save
+from imagen._io import atomic_write as write_atomic  # the name the rest of imagen.reference imports
+
 from .imagen import Imagen, ImagenConfig
 from .text_encoder import TextEncoder, TextEncoderError
 from .unet import UnetConfig
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 RUN_FORMAT, RUN_FORMAT_VERSION = "imagen-run", 1
 WEIGHT_KINDS = ("latest", "best", "ema")
@@ -42,34 +41,10 @@ class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot be read; the message names the file and the fix."""
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Writes `data` to a temporary file beside `path` and renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Saves `tensors` (moved to the CPU) as one safetensors file, atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_save(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 @dataclass

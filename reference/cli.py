@@ -1,13 +1,14 @@
 """`imagen-train`: a thin click command over `imagen.reference.train.train`."""
 
 import json
-import sys
 
 import click
 
-from imagen._cli import one_line_command
+from imagen._cli import command, run_command
 
-from .train import TrainConfig, TrainingInterrupted, train
+from .train import TrainConfig, train
+
+PREFIX = "imagen-train: "
 
 
 def _int_list(value: str | None) -> tuple | None:
@@ -19,8 +20,7 @@ def _int_list(value: str | None) -> tuple | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-@click.command(cls=one_line_command("imagen-train: error: "),
-               context_settings={"help_option_names": ["-h", "--help"]})
+@command("imagen-train", PREFIX)
 @click.option("--dataset", default="shapes", show_default=True,
               help="'shapes' (built in) or a folder of images with manifest.jsonl / .csv (file, caption).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
@@ -57,7 +57,8 @@ def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size,
          guidance, text_encoder, max_length, train_unets, lowres_max_noise, ema_decay, grad_accum, val_every,
          checkpoint_every, sample_every, seed, threads, resume, force, quiet, debug):
     """Train an Imagen cascade (PyTorch reference) into a run directory."""
-    try:
+
+    def run():
         sizes = _int_list(image_sizes)
         config = TrainConfig(
             out=out, dataset=dataset, unets=tuple(unets) or ("BaseTest", "SuperTest")[: len(sizes)],
@@ -69,21 +70,9 @@ def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size,
             grad_accum=grad_accum, val_every=val_every, checkpoint_every=checkpoint_every,
             sample_every=sample_every, seed=seed, threads=threads, resume=resume, force=force,
             progress=False if quiet else None)
-        summary = train(config)
-    except TrainingInterrupted as error:
-        click.echo(f"imagen-train: {error}", err=True)
-        sys.exit(130)
-    except (ValueError, OSError, click.BadParameter) as error:
-        if debug:
-            raise
-        click.echo(f"imagen-train: error: {error}".replace("\n", " "), err=True)
-        sys.exit(2)
-    except Exception as error:  # noqa: BLE001 - anything else is still one line; --debug shows the traceback
-        if debug:
-            raise
-        click.echo(f"imagen-train: error: {type(error).__name__}: {error} (rerun with --debug for the traceback)"
-                   .replace("\n", " "), err=True)
-        sys.exit(1)
+        return train(config)
+
+    summary = run_command(run, debug=debug, prefix=PREFIX)  # Ctrl-C: TrainingInterrupted says where it saved
     if not quiet:
         click.echo(json.dumps(summary))
 

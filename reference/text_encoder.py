@@ -9,13 +9,14 @@ Embeddings are zero where the mask is 0. Prompts are padded to `max_length`.
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from imagen._io import atomic_save_folder
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_LENGTH = 256  # MinImagen's
@@ -138,18 +139,17 @@ class TextEncoder(nn.Module):
         return cls(model, tokenizer)
 
     def save(self, path: str | Path) -> None:
-        """Writes weights (safetensors), config and tokenizer settings into `path`, atomically."""
-        path = Path(path)
-        staging = path.with_name(path.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        _quiet_transformers()
-        self.model.save_pretrained(staging, safe_serialization=True)
-        if isinstance(self.tokenizer, SentencePieceTokenizer):
-            shutil.copyfile(self.tokenizer.model_file, staging / "spiece.model")
-        (staging / TOKENIZER_FILE).write_text(json.dumps(self.tokenizer.to_dict(), indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
+        """Writes weights (safetensors), config and tokenizer settings into the folder `path`: staged
+        beside it and renamed into place, so a failed save leaves no half-written folder."""
+
+        def save(staging: Path) -> None:
+            _quiet_transformers()
+            self.model.save_pretrained(staging, safe_serialization=True)
+            if isinstance(self.tokenizer, SentencePieceTokenizer):
+                shutil.copyfile(self.tokenizer.model_file, staging / "spiece.model")
+            (staging / TOKENIZER_FILE).write_text(json.dumps(self.tokenizer.to_dict(), indent=2))
+
+        atomic_save_folder(path, save)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

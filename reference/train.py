@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imagen._io import atomic_save
+
 from .checkpoint import (
     CheckpointError,
     build_imagen,
@@ -29,6 +31,7 @@ from .checkpoint import (
 )
 from .data import FolderData, ShapesData, draw_batch, make_dataset
 from .imagen import Imagen, ImagenConfig
+from .images import to_uint8
 from .text_encoder import TextEncoder
 from .unet import UnetConfig, preset_config
 
@@ -190,13 +193,9 @@ def _save_samples(imagen: Imagen, embed, config: TrainConfig, out: Path, step: i
 
     embeds, mask = embed(list(config.sample_prompts))
     images = imagen.sample(embeds, mask, noise=np.random.default_rng(config.seed))
-    images = (images.clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    grid = np.concatenate(list(images), axis=1)
-    (out / "samples").mkdir(exist_ok=True)
-    path = out / "samples" / f"step_{step:07d}.png"
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    images = to_uint8(images).numpy()  # (b, h, w, 3)
+    grid = Image.fromarray(np.concatenate(list(images), axis=1))
+    atomic_save(out / "samples" / f"step_{step:07d}.png", lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def train(config: TrainConfig, log=None) -> dict:

@@ -5,23 +5,19 @@ imagen-run "a red circle" "a blue square" --num-images 2 --out-dir out/ --json
 """
 
 import json
-import os
 import re
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 import click
 
-from imagen._cli import one_line_command
+from imagen._cli import command, run_command
+from imagen._io import atomic_save
 
-from .errors import ImagenError
+from .backends import BACKENDS
+from .samplers import SAMPLERS
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-EXIT_USAGE, EXIT_UNEXPECTED = 2, 1
+PREFIX = ""  # imagen-run's lines are `error: ...`
 
 
 def slug(prompt: str, limit: int = 40) -> str:
@@ -43,7 +39,7 @@ def output_paths(
 
 
 def write_png(image, path: Path, info: dict, force: bool) -> None:
-    """Writes to a temporary name in the same folder, then renames (never a half-written PNG)."""
+    """Writes the PNG with its settings as text chunks, atomically (never a half-written PNG)."""
     from PIL.PngImagePlugin import PngInfo
 
     if path.exists() and not force:
@@ -57,15 +53,7 @@ def write_png(image, path: Path, info: dict, force: bool) -> None:
     metadata.add_text("sr_strength", repr(info["sr_strength"]))
     metadata.add_text("guidance", repr(info["guidance_scale"]))
     metadata.add_text("bundle_sha", info["bundle_sha"])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=metadata))
 
 
 class _Progress:
@@ -91,7 +79,7 @@ class _Progress:
             self.bar = None
 
 
-@click.command(cls=one_line_command("error: "), context_settings={"help_option_names": ["-h", "--help"]})
+@command("imagen-run", PREFIX)
 @click.argument("prompts", nargs=-1, required=True)
 @click.option(
     "--bundle", "bundle", type=click.Path(), default=None, help="Bundle folder (default: built-in demo)."
@@ -100,7 +88,7 @@ class _Progress:
 @click.option("--out-dir", default=None, help="Folder for several images (default imagen-out/).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, reported).")
 @click.option("--steps", type=int, default=None, help="Sampler steps per Unet (default: the bundle's).")
-@click.option("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the bundle's).")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=None, help="Sampler (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
@@ -111,35 +99,17 @@ class _Progress:
     help="Share of steps a super-resolution Unet runs from its noised upsampled input, in (0, 1] "
     "(1: from pure noise; default: the bundle's).",
 )
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
-    "--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True
+    "--threads", type=int, default=None, help="CPU threads per session (default: the CPUs this process may run on)."
 )
-@click.option("--threads", type=int, default=None, help="CPU threads per session (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print per-image info as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(debug, **options):
     """Generate images for PROMPT(s) with an exported bundle."""
-    try:
-        _run(**options)
-    except click.ClickException:
-        raise
-    except (ImagenError, ValueError, OSError) as error:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {error}".replace("\n", " "), err=True)
-        sys.exit(EXIT_USAGE)
-    except Exception as error:  # noqa: BLE001 - the last resort: one line, exit 1
-        if debug:
-            traceback.print_exc()
-        click.echo(
-            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for details)".replace(
-                "\n", " "
-            ),
-            err=True,
-        )
-        sys.exit(EXIT_UNEXPECTED)
+    run_command(lambda: _run(**options), debug=debug, prefix=PREFIX)
 
 
 def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_images, eta, sr_strength, backend,
@@ -156,7 +126,8 @@ def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_imag
     pipe = Pipeline.load(bundle, backend=backend, threads=threads)
     progress = None
     if not quiet and sys.stderr.isatty():
-        progress = _Progress(pipe.model_calls(steps, sr_strength), [u.name for u in pipe.manifest.unets])
+        calls = pipe.model_calls(pipe.settings(steps=steps, sr_strength=sr_strength))
+        progress = _Progress(calls, [unet.name for unet in pipe.bundle.unets])
     try:
         result = pipe(
             prompts,

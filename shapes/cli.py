@@ -1,23 +1,28 @@
 """`imagen-eval`: prompt adherence of a bundle on `shapes` captions."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
-from imagen.runtime.errors import ImagenError
+from imagen.runtime.backends import BACKENDS
+from imagen.runtime.samplers import SAMPLERS
 
-from imagen._cli import one_line_command
+from imagen._cli import command, run_command
+from imagen._io import atomic_save
+
+from .scenes import SPLITS
+
+PREFIX = ""  # imagen-eval's lines are `error: ...`
 
 
-@click.command(cls=one_line_command("error: "), context_settings={"help_option_names": ["-h", "--help"]})
+@command("imagen-eval", PREFIX)
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,
               help="Bundle folder (default: the built-in demo bundle).")
-@click.option("--prompts", "split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
+@click.option("--prompts", "split", type=click.Choice(SPLITS), default="train", show_default=True,
               help="Captions from the training distribution, or only the held-out (colour, shape) pairs.")
 @click.option("--n", type=click.IntRange(min=1), default=100, show_default=True, help="Number of captions.")
-@click.option("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the bundle's).")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=None, help="Sampler (default: the bundle's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps per Unet (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--sr-strength", type=float, default=None,
@@ -25,8 +30,9 @@ from imagen._cli import one_line_command
                    "bundle's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the first image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per session (default: the CPUs this process may run on).")
 @click.option("--grid", type=click.Path(path_type=Path), default=None,
               help="Save a labelled grid of the first 16 images here (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -37,20 +43,8 @@ def main(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_si
          force, quiet, debug):
     """Generate images for N `shapes` captions and report accuracy per attribute
     (colour, shape, size, position), the exact-match rate and images per second."""
-    try:
-        _run(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_size, backend, threads, grid,
-             as_json, force, quiet)
-    except (ImagenError, ValueError, OSError) as error:  # the runtime's typed errors, bad values, files
-        if debug:
-            raise
-        click.echo(f"error: {error}".replace("\n", " "), err=True)
-        sys.exit(2)
-    except Exception as error:  # noqa: BLE001 - one line unless --debug
-        if debug:
-            raise
-        click.echo(f"error: {type(error).__name__}: {error} (rerun with --debug for the traceback)"
-                   .replace("\n", " "), err=True)
-        sys.exit(1)
+    run_command(lambda: _run(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_size, backend,
+                             threads, grid, as_json, force, quiet), debug=debug, prefix=PREFIX)
 
 
 def _run(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_size, backend, threads, grid, as_json,
@@ -75,10 +69,7 @@ def _run(bundle, split, n, sampler, steps, guidance, sr_strength, seed, batch_si
             bar.close()
     if grid is not None:
         image = make_grid(report["images"][:16], [r["caption"] for r in report["rows"][:16]])
-        grid.parent.mkdir(parents=True, exist_ok=True)
-        partial = grid.with_name(f".{grid.name}.partial-{os.getpid()}")
-        image.save(partial, format="PNG")
-        os.replace(partial, grid)
+        atomic_save(grid, lambda tmp: image.save(tmp, format="PNG"))
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "images"}, indent=1))
     else:
