@@ -5,16 +5,35 @@ complete, so a failed or killed export leaves the previous bundle as it was and 
 bundle under the final name.
 """
 
-import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagen.reference.checkpoint import Run, load_minimagen_run, load_run
-from imagen.reference.samplers import SAMPLERS
 from imagen.reference.text_encoder import SentencePieceTokenizer, TextEncoder
+from imagen.runtime.contract import (
+    LOWRES,
+    MANIFEST,
+    Defaults,
+    FileEntry,
+    Manifest,
+    Parity,
+    ScheduleEntry,
+    Source,
+    StageEntry,
+    StageSignature,
+    TensorRTEntry,
+    TokenizerEntry,
+    sha256_file,
+    text_encoder_signature,
+    unet_name,
+    unet_signature,
+)
+from imagen.runtime.settings import check_sampler, check_sr_strength
+from torch import nn
 
 import imagen
 
@@ -28,24 +47,30 @@ from .onnx_export import (
     export_stage,
     measure_parity,
 )
-from .signatures import StageSignature, TensorSpec, text_encoder_signature, unet_signature
 from .tensorrt import TensorRTUnavailable, build_engine, engine_dir_name, tensorrt_target
 
-FORMAT, FORMAT_VERSION = "imagen-bundle", 1
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 PARITY_BATCH_SIZES = (1, 3)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass
+class Stage:
+    """One stage to export: its signature, the module that computes it, the ranges of its sample
+    inputs (vocabulary size, timesteps) and, for a Unet, its image size and low-res conditioning."""
+
+    signature: StageSignature
+    module: nn.Module
+    input_kwargs: dict = field(default_factory=dict)
+    image_size: int | None = None
+    lowres_cond: bool | None = None
+
+    @property
+    def name(self) -> str:
+        return self.signature.name
 
 
-def file_entry(bundle: Path, path: Path) -> dict:
-    return {"file": path.relative_to(bundle).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def file_entry(bundle: Path, path: Path) -> FileEntry:
+    return FileEntry(path.relative_to(bundle).as_posix(), path.stat().st_size, sha256_file(path))
 
 
 def _versions() -> dict:
@@ -103,19 +128,17 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
                   weights: str = "latest", max_batch: int = 8, opset: int = 18,
                   text_encoder: str | Path | None = None, force: bool = False, sampler: str = "ddpm",
                   steps: int | None = None, sr_strength: float = 1.0,
-                  report: Callable[[str], None] | None = None) -> dict:
+                  report: Callable[[str], None] | None = None) -> Manifest:
     """Exports every stage, measures parity, optionally builds TensorRT engines; returns the manifest.
 
     `sampler`, `steps` and `sr_strength` become the bundle's defaults (steps None: every trained
     timestep; sr_strength 1: super-resolution from pure noise)."""
     say = report or (lambda message: None)
     out = Path(out)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_sampler(sampler)
+    check_sr_strength(sr_strength)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
-    if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0 < sr_strength <= 1:
-        raise ValueError(f"sr_strength must be a number in (0, 1], got {sr_strength!r}")
     if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
         raise ValueError(f"max_batch must be an integer in [1, 1024], got {max_batch!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,17 +147,26 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
         raise ExportError(f"{out} already exists; pass --force to replace it (the old bundle stays until the "
                           "new one is complete)")
     run = load_checkpoint(ckpt, weights, text_encoder)
+    timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
+    if steps is not None and steps > timesteps:
+        raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {steps}")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     staging.mkdir()
     try:
-        timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
-        if steps is not None and steps > timesteps:
-            raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {steps}")
-        manifest = _write_stages(run, staging, fp16, max_batch, opset, force, say)
-        manifest["defaults"].update(sampler=sampler, steps=steps, sr_strength=float(sr_strength))
-        if tensorrt:
-            manifest["tensorrt"] = _build_engines(manifest, staging, fp16, say)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        tokenizer = _write_tokenizer(run, staging)
+        stages = _stages(run, max_batch)
+        entries = _write_stages(stages, staging, fp16, opset, force, say)
+        config = run.imagen.config
+        defaults = Defaults(config.guidance_scale, config.dynamic_thresholding_percentile,
+                            config.lowres_sample_noise_level, sampler=sampler, steps=steps,
+                            sr_strength=float(sr_strength))
+        engines = _build_engines(stages, entries, staging, fp16, say) if tensorrt else None
+        manifest = Manifest(
+            channels=config.channels, image_sizes=tuple(run.imagen.image_sizes),
+            max_length=run.text_encoder.max_length, embed_dim=run.text_encoder.embed_dim, tokenizer=tokenizer,
+            schedules=_schedules(run), defaults=defaults, stages=entries, tensorrt=engines, producer=_versions(),
+            source=Source(checkpoint=str(run.path), weights=run.weights))
+        (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -143,85 +175,85 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
     return manifest
 
 
-def _stages(run: Run, max_batch: int) -> list[tuple[StageSignature, object, dict]]:
-    encoder = run.text_encoder
+def _stages(run: Run, max_batch: int) -> list[Stage]:
+    encoder, cascade = run.text_encoder, run.imagen
+    if encoder.max_length > cascade.unets[0].max_text_len:
+        raise ExportError(f"the text encoder's max_length {encoder.max_length} exceeds the Unets' max_text_len "
+                          f"{cascade.unets[0].max_text_len}")
     length, width = encoder.max_length, encoder.embed_dim
-    stages = [(text_encoder_signature(length, width, max_batch), TextEncoderStage(encoder),
-               {"vocab_size": encoder.tokenizer.vocab_size})]
-    for index, (unet, schedule) in enumerate(zip(run.imagen.unets, run.imagen.noise_schedulers)):
-        signature = unet_signature(index, run.imagen.image_sizes[index], length, width, unet.lowres_cond, max_batch)
-        stages.append((signature, UnetStage(unet), {"timesteps": schedule.num_timesteps}))
+    stages = [Stage(text_encoder_signature(length, width, max_batch), TextEncoderStage(encoder),
+                    {"vocab_size": encoder.tokenizer.vocab_size})]
+    for index, (unet, schedule) in enumerate(zip(cascade.unets, cascade.noise_schedulers)):
+        size, lowres = cascade.image_sizes[index], bool(unet.lowres_cond)
+        signature = unet_signature(index, size, length, width, lowres, max_batch, cascade.config.channels)
+        stages.append(Stage(signature, UnetStage(unet), {"timesteps": schedule.num_timesteps}, size, lowres))
     return stages
 
 
-def _write_stages(run: Run, staging: Path, fp16: bool, max_batch: int, opset: int, force: bool, say) -> dict:
-    imagen_model, encoder = run.imagen, run.text_encoder
-    if encoder.max_length > imagen_model.unets[0].max_text_len:
-        raise ExportError(f"the text encoder's max_length {encoder.max_length} exceeds the Unets' max_text_len "
-                          f"{imagen_model.unets[0].max_text_len}")
-    tokenizer = encoder.tokenizer.to_dict()
-    if isinstance(encoder.tokenizer, SentencePieceTokenizer):
+def _write_tokenizer(run: Run, staging: Path) -> TokenizerEntry:
+    tokenizer = run.text_encoder.tokenizer
+    files = {}
+    if isinstance(tokenizer, SentencePieceTokenizer):
         (staging / "tokenizer").mkdir()
-        shutil.copyfile(encoder.tokenizer.model_file, staging / "tokenizer" / "spiece.model")
-        tokenizer["files"] = {"spiece.model": file_entry(staging, staging / "tokenizer" / "spiece.model")}
-    config = imagen_model.config
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "producer": _versions(),
-        "source": {"checkpoint": str(run.path), "weights": run.weights},
-        "channels": config.channels, "image_sizes": list(imagen_model.image_sizes),
-        "text": {"max_length": encoder.max_length, "embed_dim": encoder.embed_dim},
-        "tokenizer": tokenizer,
-        "schedules": {**{f"unet_{i}": s.to_manifest() for i, s in enumerate(imagen_model.noise_schedulers)},
-                      "lowres": imagen_model.lowres_noise_schedule.to_manifest()},
-        "defaults": {"guidance_scale": config.guidance_scale,
-                     "dynamic_thresholding_percentile": config.dynamic_thresholding_percentile,
-                     "lowres_sample_noise_level": config.lowres_sample_noise_level,
-                     "sampler": "ddpm", "steps": None},
-        "stages": {},
-        "tensorrt": None,
-    }
-    failures = []
-    for signature, module, input_kwargs in _stages(run, max_batch):
-        name = signature.name
-        precision = "fp16" if fp16 and name != "text_encoder" else "fp32"
-        path = staging / f"{name}.onnx"
-        say(f"{name}: exporting to ONNX")
-        if precision == "fp16":
-            fp32_dir = staging / ".fp32"
-            fp32_dir.mkdir(exist_ok=True)
-            export_stage(module, signature, fp32_dir / path.name, opset, **input_kwargs)
-            say(f"{name}: converting to FP16")
-            convert_fp16(fp32_dir / path.name, path)
-            shutil.rmtree(fp32_dir)
-            check_model(path, signature)
-        else:
-            export_stage(module, signature, path, opset, **input_kwargs)
-        errors = measure_parity(module, signature, path, PARITY_BATCH_SIZES, **input_kwargs)
-        tolerance = TOLERANCE[precision]
-        passed = all(e <= tolerance for e in errors)
-        say(f"{name}: parity {precision} rel. error {max(errors):.2e} (tolerance {tolerance:.0e}) "
-            f"{'ok' if passed else 'FAILED'}")
-        if not passed:
-            failures.append(f"{name} ({precision}): relative error {max(errors):.3e} > {tolerance:.0e}")
-        entry = {**file_entry(staging, path), "precision": precision, **signature.to_manifest(),
-                 "parity": {"batch_sizes": list(PARITY_BATCH_SIZES), "rel_error": errors, "tolerance": tolerance,
-                            "passed": passed, "forced": bool(force and not passed)},
-                 "flops": count_flops(module, signature, **input_kwargs)}
-        data = Path(f"{path}.data")
-        if data.exists():
-            entry["external_data"] = [file_entry(staging, data)]
-        if name.startswith("unet_"):
-            index = int(name.split("_")[1])
-            entry.update(image_size=imagen_model.image_sizes[index],
-                         lowres_cond=bool(imagen_model.unets[index].lowres_cond))
-        manifest["stages"][name] = entry
+        shutil.copyfile(tokenizer.model_file, staging / "tokenizer" / "spiece.model")
+        files["spiece.model"] = file_entry(staging, staging / "tokenizer" / "spiece.model")
+    return TokenizerEntry(tokenizer.kind, tokenizer.pad_id, tokenizer.eos_id, tokenizer.offset, tokenizer.max_length,
+                          files)
+
+
+def _schedules(run: Run) -> dict[str, ScheduleEntry]:
+    schedules = {**{unet_name(i): s for i, s in enumerate(run.imagen.noise_schedulers)},
+                 LOWRES: run.imagen.lowres_noise_schedule}
+    return {name: ScheduleEntry(tuple(s.betas_array.tolist()), s.schedule, s.num_timesteps)
+            for name, s in schedules.items()}
+
+
+def _write_stages(stages: list[Stage], staging: Path, fp16: bool, opset: int, force: bool,
+                  say) -> dict[str, StageEntry]:
+    entries, failures = {}, []
+    for stage in stages:
+        entries[stage.name] = entry = _write_stage(stage, staging, fp16, opset, force, say)
+        if not entry.parity.passed:
+            failures.append(f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
+                            f"{entry.parity.tolerance:.0e}")
     if failures and not force:
         raise ExportError("parity check failed: " + "; ".join(failures) + ". The export was not written; "
                           "pass --force to write it anyway (marked in the manifest)")
-    return manifest
+    return entries
 
 
-def _build_engines(manifest: dict, staging: Path, fp16: bool, say) -> dict | None:
+def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: bool, say) -> StageEntry:
+    """Exports one stage (FP16 Unets go through an FP32 file), checks it and measures its parity."""
+    name, signature, kwargs = stage.name, stage.signature, stage.input_kwargs
+    precision = "fp16" if fp16 and stage.image_size is not None else "fp32"
+    path = staging / f"{name}.onnx"
+    say(f"{name}: exporting to ONNX")
+    if precision == "fp16":
+        fp32_dir = staging / ".fp32"
+        fp32_dir.mkdir(exist_ok=True)
+        export_stage(stage.module, signature, fp32_dir / path.name, opset, **kwargs)
+        say(f"{name}: converting to FP16")
+        convert_fp16(fp32_dir / path.name, path)
+        shutil.rmtree(fp32_dir)
+        check_model(path, signature)
+    else:
+        export_stage(stage.module, signature, path, opset, **kwargs)
+    errors = measure_parity(stage.module, signature, path, PARITY_BATCH_SIZES, **kwargs)
+    tolerance = TOLERANCE[precision]
+    passed = all(e <= tolerance for e in errors)
+    say(f"{name}: parity {precision} rel. error {max(errors):.2e} (tolerance {tolerance:.0e}) "
+        f"{'ok' if passed else 'FAILED'}")
+    data = Path(f"{path}.data")
+    return StageEntry(
+        name=name, file=file_entry(staging, path), precision=precision, signature=signature,
+        parity=Parity(list(PARITY_BATCH_SIZES), errors, tolerance, passed, bool(force and not passed)),
+        flops=count_flops(stage.module, signature, **kwargs),
+        external_data=(file_entry(staging, data),) if data.exists() else (),
+        image_size=stage.image_size, lowres_cond=stage.lowres_cond)
+
+
+def _build_engines(stages: list[Stage], entries: dict[str, StageEntry], staging: Path, fp16: bool,
+                   say) -> TensorRTEntry | None:
     try:
         _, capability, version = tensorrt_target()
     except TensorRTUnavailable as reason:
@@ -230,21 +262,11 @@ def _build_engines(manifest: dict, staging: Path, fp16: bool, say) -> dict | Non
     folder = staging / "tensorrt" / engine_dir_name(capability, version)
     folder.mkdir(parents=True)
     engines = {}
-    for name, stage in manifest["stages"].items():
-        say(f"{name}: building TensorRT engine ({'fp16' if fp16 else 'fp32'})")
-        signature = _signature_from_manifest(name, stage)
-        plan = folder / f"{name}.plan"
-        build_engine(staging / stage["file"], signature, plan, fp16 and stage["precision"] == "fp16",
+    for stage in stages:
+        entry = entries[stage.name]
+        say(f"{stage.name}: building TensorRT engine ({'fp16' if fp16 else 'fp32'})")
+        plan = folder / f"{stage.name}.plan"
+        build_engine(staging / entry.file.file, stage.signature, plan, fp16 and entry.precision == "fp16",
                      folder / "timing.cache")
-        engines[name] = file_entry(staging, plan)
-    return {"dir": folder.relative_to(staging).as_posix(), "compute_capability": capability, "version": version,
-            "engines": engines}
-
-
-def _signature_from_manifest(name: str, stage: dict) -> StageSignature:
-    def specs(entries):
-        return tuple(TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in entries)
-
-    batch = stage["batch"]
-    return StageSignature(name, specs(stage["inputs"]), specs(stage["outputs"]), batch["min"], batch["opt"],
-                          batch["max"])
+        engines[stage.name] = file_entry(staging, plan)
+    return TensorRTEntry(folder.relative_to(staging).as_posix(), capability, version, engines)

@@ -18,7 +18,7 @@ from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.unet import Unet
 from torch import nn
 
-from .signatures import BATCH, StageSignature
+from imagen.runtime.contract import BATCH, StageSignature
 
 TWO_GB = 2**31
 

@@ -7,7 +7,7 @@ are built on and for one GPU kind: they go into `tensorrt/sm<cc>-<version>/`.
 
 from pathlib import Path
 
-from .signatures import StageSignature
+from imagen.runtime.contract import StageSignature
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -15,24 +15,16 @@ class TensorRTUnavailable(RuntimeError):
 
 
 def tensorrt_target() -> tuple[object, str, str]:
-    """(tensorrt module, compute capability 'major.minor', TensorRT version) or TensorRTUnavailable."""
+    """(tensorrt module, compute capability 'major.minor', TensorRT version) or TensorRTUnavailable,
+    from the runtime's own probe of this machine."""
+    from imagen.runtime.backends import tensorrt_environment
+    from imagen.runtime.errors import BackendError
+
     try:
-        import tensorrt as trt
-    except ImportError as error:
-        raise TensorRTUnavailable("the tensorrt package is not installed (pip install 'imagen-cascade[tensorrt]' "
-                                  "on a machine with an NVIDIA GPU)") from error
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError as error:
-            raise TensorRTUnavailable("cuda-python is not installed (pip install cuda-python)") from error
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        raise TensorRTUnavailable("no CUDA GPU is visible")
-    err, props = cudart.cudaGetDeviceProperties(0)
-    return trt, f"{props.major}.{props.minor}", trt.__version__
+        trt, _, capability, version = tensorrt_environment()
+    except BackendError as error:
+        raise TensorRTUnavailable(str(error)) from error
+    return trt, capability, version
 
 
 def engine_dir_name(compute_capability: str, version: str) -> str:

@@ -3,10 +3,15 @@
 from imagen.runtime import Pipeline
 result = Pipeline.load("bundle/")("a red circle on a blue square", steps=20, seed=0)
 result.images[0].save("out.png")
+
+The seams a host service builds on: `load_bundle` (verify a bundle), `open_backends` (one
+inference backend per stage), `Pipeline.settings` (a request's checked `Settings`) and
+`GuidedDenoiser` (one Unet call, guidance, x0 prediction, dynamic thresholding).
 """
 
 from . import errors
-from .bundle import Manifest, load_manifest
+from .backends import BACKENDS, open_backends
+from .bundle import Bundle, load_bundle
 from .errors import (
     BackendError,
     BundleError,
@@ -16,15 +21,21 @@ from .errors import (
     PromptError,
     SignatureError,
 )
+from .guidance import GuidedDenoiser
 from .pipeline import Pipeline, Result
 from .samplers import SAMPLERS
+from .settings import Settings
 
 __all__ = [
     "Pipeline",
     "Result",
-    "Manifest",
-    "load_manifest",
+    "Settings",
+    "Bundle",
+    "load_bundle",
+    "open_backends",
+    "GuidedDenoiser",
     "errors",
+    "BACKENDS",
     "SAMPLERS",
     "ImagenError",
     "BundleError",

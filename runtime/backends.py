@@ -12,11 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import BATCH, StageSpec
-from .errors import BackendError, BundleError, SignatureError
+from .bundle import Bundle
+from .contract import BATCH, StageSignature, TensorRTEntry
+from .errors import BackendError, BundleError, ParameterError, SignatureError
+from .settings import is_int
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-def check_feeds(stage: StageSpec, feeds: dict) -> int:
+def check_feeds(stage: StageSignature, feeds: dict) -> int:
     """The batch size of `feeds` if they match the signature, else SignatureError naming what differs."""
     if not isinstance(feeds, dict):
         raise SignatureError(
@@ -87,7 +91,7 @@ def onnxruntime_providers(providers=None) -> list:
 class OnnxRuntimeBackend:
     """One onnxruntime InferenceSession for a stage; `run` is safe to call from several threads."""
 
-    def __init__(self, path, stage_signature: StageSpec, providers=None, threads: int | None = None):
+    def __init__(self, path, stage_signature: StageSignature, providers=None, threads: int | None = None):
         import onnxruntime as ort
 
         self.stage = stage_signature
@@ -161,13 +165,13 @@ def tensorrt_environment() -> tuple[object, object, str, str]:
     return trt, cudart, f"{props.major}.{props.minor}", trt.__version__
 
 
-def check_engines_match(manifest_trt: dict | None, capability: str, version: str) -> None:
-    if not manifest_trt:
+def check_engines_match(engines: TensorRTEntry | None, capability: str, version: str) -> None:
+    if engines is None or not engines.engines:
         raise BundleError(
             "this bundle has no TensorRT engines; rebuild it with imagen-export --tensorrt on this "
             "machine, or use --backend onnxruntime"
         )
-    built = (str(manifest_trt.get("compute_capability")), str(manifest_trt.get("version")))
+    built = (engines.compute_capability, engines.version)
     if built != (capability, version):
         raise BundleError(
             f"the bundle's TensorRT engines were built for compute capability {built[0]} with "
@@ -179,10 +183,10 @@ def check_engines_match(manifest_trt: dict | None, capability: str, version: str
 class TensorRTBackend:
     """A deserialized TensorRT engine; one execution context, stream and buffer set per thread."""
 
-    def __init__(self, plan_path, stage_signature: StageSpec, manifest_trt: dict | None = None):
+    def __init__(self, plan_path, stage_signature: StageSignature, engines: TensorRTEntry | None = None):
         trt, self._cudart, capability, version = tensorrt_environment()
-        if manifest_trt is not None:
-            check_engines_match(manifest_trt, capability, version)
+        if engines is not None:
+            check_engines_match(engines, capability, version)
         self.stage = stage_signature
         self.path = Path(plan_path)
         self._logger = trt.Logger(trt.Logger.ERROR)
@@ -241,3 +245,53 @@ class TensorRTBackend:
             )
         _cuda_call(cudart.cudaStreamSynchronize(stream))
         return outputs
+
+
+def check_backend_options(backend: str, threads: int | None) -> None:
+    if backend not in BACKENDS:
+        raise ParameterError("backend", f"one of {', '.join(BACKENDS)}", backend)
+    if threads is not None and (not is_int(threads) or threads < 1):
+        raise ParameterError("threads", "a positive integer or None", threads)
+
+
+def choose_backend(bundle: Bundle, backend: str = "auto") -> tuple[Bundle, str]:
+    """(the bundle, with its engines verified when they will be used; "onnxruntime" or "tensorrt").
+
+    "tensorrt" raises BackendError (no GPU or TensorRT here) or BundleError (engines built for another
+    GPU or TensorRT version); "auto" takes TensorRT only when the bundle's engines are usable here."""
+    engines = bundle.manifest.tensorrt
+    if backend == "onnxruntime" or (backend == "auto" and engines is None):
+        return bundle, "onnxruntime"
+    try:
+        _, _, capability, version = tensorrt_environment()
+        check_engines_match(engines, capability, version)
+        return bundle.verify_engines(), "tensorrt"
+    except (BackendError, BundleError):
+        if backend == "tensorrt":
+            raise
+        return bundle, "onnxruntime"
+
+
+def open_backends(bundle: Bundle, backend: str = "auto", providers=None, threads: int | None = None
+                  ) -> tuple[dict, str]:
+    """One backend per stage of a verified bundle, and the name of the one chosen.
+
+    backend: "onnxruntime"; "tensorrt" (the bundle's engines, on an NVIDIA GPU); "auto": TensorRT
+    when the bundle has engines usable here, else onnxruntime. providers: onnxruntime execution
+    providers (None: CPU; "auto": CUDA/TensorRT providers when installed)."""
+    check_backend_options(backend, threads)
+    bundle, chosen = choose_backend(bundle, backend)
+    backends = {}
+    for name, stage in bundle.stages.items():
+        if chosen == "tensorrt":
+            entry = bundle.manifest.tensorrt.engines.get(name)
+            if entry is None:
+                raise BundleError(
+                    f"{bundle.root / 'manifest.json'} has no TensorRT engine for {name}; rebuild with imagen-export "
+                    "--tensorrt, or use --backend onnxruntime"
+                )
+            backends[name] = TensorRTBackend(bundle.path(entry), stage.signature, bundle.manifest.tensorrt)
+        else:
+            backends[name] = OnnxRuntimeBackend(bundle.path(stage.file), stage.signature, providers=providers,
+                                                threads=threads)
+    return backends, chosen

@@ -84,20 +84,14 @@ class Tokenizer:
                 raise BundleError(f"cannot load {model_file}: {error}; re-export the bundle") from error
 
     @classmethod
-    def from_manifest(cls, manifest: dict, root: Path) -> "Tokenizer":
-        spec = manifest["tokenizer"]
+    def from_bundle(cls, bundle) -> "Tokenizer":
+        """The tokenizer a verified bundle (`imagen.runtime.bundle.Bundle`) names."""
+        spec = bundle.manifest.tokenizer
         model_file = None
-        if spec["kind"] == "sentencepiece":
-            entry = spec.get("files", {}).get("spiece.model")
-            model_file = root / entry["file"] if entry else root / "tokenizer" / "spiece.model"
-        return cls(
-            spec["kind"],
-            manifest["text"]["max_length"],
-            spec.get("pad_id", 0),
-            spec.get("eos_id", 1),
-            spec.get("offset", 3 if spec["kind"] == "byte" else 0),
-            model_file,
-        )
+        if spec.kind == "sentencepiece":
+            entry = spec.files.get("spiece.model")
+            model_file = bundle.path(entry) if entry else bundle.root / "tokenizer" / "spiece.model"
+        return cls(spec.kind, bundle.manifest.max_length, spec.pad_id, spec.eos_id, spec.offset, model_file)
 
     def ids(self, prompt: str) -> list[int]:
         if self._processor is not None:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from imagen.export import bundle as bundle_module
 from imagen.export.bundle import export_bundle
 from imagen.export.cli import main as export_cli
 from imagen.export.onnx_export import ExportError
-from imagen.export.signatures import TensorSpec, unet_signature
+from imagen.runtime.contract import TensorSpec, unet_signature
 from imagen.export.tensorrt import TensorRTUnavailable, tensorrt_target
 
 SCHEMA = Path(__file__).parent.parent / "docs" / "manifest.schema.json"
@@ -81,18 +82,25 @@ def test_every_stage_checks_and_runs_at_batch_1_2_5(name, request):
 
 
 def test_signature_is_declared_once():
+    """The Unet's inputs (names with their dtypes) are written in one source file: the contract."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for folder in ("reference", "export", "runtime", "shapes", "bench", "imagen") for p in
+               (root / folder).rglob("*.py")]
+    declaring = [p.relative_to(root).as_posix() for p in sources
+                 if re.search(r"[\"']lowres_noise_times[\"'],\s*[\"']float32[\"']", p.read_text())]
+    assert declaring == ["runtime/contract/signatures.py"]
     signature = unet_signature(1, 32, 24, 128, True, max_batch=4)
     assert signature.input_names == ["x", "time", "text_embeds", "text_mask", "text_keep", "lowres_cond_img",
                                      "lowres_noise_times"]
     assert signature.profile()["x"] == ((1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32))
-    assert signature.to_manifest()["batch"] == {"min": 1, "opt": 2, "max": 8}
+    assert signature.to_json()["batch"] == {"min": 1, "opt": 2, "max": 8}
     assert TensorSpec("x", "float32", ("batch", 3)).concrete(5) == (5, 3)
 
 
 def test_existing_bundle_needs_force(bundle_fp32, tiny_run):
     before = (bundle_fp32 / "manifest.json").read_bytes()
     result = CliRunner().invoke(export_cli, ["--ckpt", str(tiny_run), "--out", str(bundle_fp32)])
-    assert result.exit_code == 1 and "--force" in result.output
+    assert result.exit_code == 2 and "--force" in result.output
     assert (bundle_fp32 / "manifest.json").read_bytes() == before
 
 
@@ -120,7 +128,7 @@ def test_failed_parity_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     # With --force it is written and marked.
     manifest = export_bundle(tiny_run, out, force=True)
-    assert manifest["stages"]["unet_0"]["parity"]["forced"] is True
+    assert manifest.stages["unet_0"].parity.forced is True
 
 
 def test_failed_export_keeps_the_previous_bundle(bundle_fp32, tiny_run, tmp_path, monkeypatch):
@@ -157,7 +165,7 @@ def test_tensorrt_missing_is_said_plainly_and_onnx_bundle_is_complete(tiny_run, 
         pass
     messages = []
     manifest = export_bundle(tiny_run, tmp_path / "b", tensorrt=True, report=messages.append)
-    assert manifest["tensorrt"] is None
+    assert manifest.tensorrt is None
     assert any("tensorrt: skipped" in m for m in messages)
     assert (tmp_path / "b" / "unet_1.onnx").is_file()
 
@@ -168,10 +176,10 @@ def test_minimagen_directory_exports(tmp_path):
     t5 = tiny_t5_folder(tmp_path)
     write_minimagen_directory(tmp_path / "training", t5)
     result = CliRunner().invoke(export_cli, ["--ckpt", str(tmp_path / "training"), "--out", str(tmp_path / "b")])
-    assert result.exit_code == 1 and "--text-encoder" in result.output
+    assert result.exit_code == 2 and "--text-encoder" in result.output
     manifest = export_bundle(tmp_path / "training", tmp_path / "b", text_encoder=t5, max_batch=2)
-    assert manifest["tokenizer"]["kind"] == "sentencepiece"
-    spiece = manifest["tokenizer"]["files"]["spiece.model"]
-    assert (tmp_path / "b" / spiece["file"]).stat().st_size == spiece["bytes"]
-    assert manifest["text"]["max_length"] == 256 and manifest["schedules"]["unet_0"]["timesteps"] == 25
-    assert all(s["parity"]["passed"] for s in manifest["stages"].values())
+    assert manifest.tokenizer.kind == "sentencepiece"
+    spiece = manifest.tokenizer.files["spiece.model"]
+    assert (tmp_path / "b" / spiece.file).stat().st_size == spiece.bytes
+    assert manifest.max_length == 256 and manifest.schedules["unet_0"].timesteps == 25
+    assert all(s.parity.passed for s in manifest.stages.values())

@@ -14,7 +14,7 @@ import shutil
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from imagen.runtime import BundleError, ImagenError, load_manifest
+from imagen.runtime import BundleError, ImagenError, load_bundle
 from imagen.runtime.tokenizer import Tokenizer
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -83,8 +83,7 @@ def _mutate(manifest, data):
 def _load(root):
     """The loader as Pipeline.load runs it before any session: manifest, then tokenizer."""
     try:
-        manifest = load_manifest(root)
-        Tokenizer.from_manifest(manifest.data, manifest.root)
+        Tokenizer.from_bundle(load_bundle(root))
     except ImagenError:
         return False
     return True
@@ -171,7 +170,7 @@ def test_found_by_fuzzing(case, fuzz_bundle):
     node[path[-1]] = value
     _write(root, json.dumps(manifest))
     with pytest.raises(BundleError, match=pattern):
-        load_manifest(root)
+        load_bundle(root)
     _write(root, json.dumps(original))
 
 
@@ -179,5 +178,5 @@ def test_deeply_nested_json_is_a_bundle_error(fuzz_bundle):
     root, original = fuzz_bundle
     (root / "manifest.json").write_bytes(b"[" * 100_000)
     with pytest.raises(BundleError, match="not valid JSON"):
-        load_manifest(root)
+        load_bundle(root)
     _write(root, json.dumps(original))

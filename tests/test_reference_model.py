@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from imagen.reference.diffusion import GaussianDiffusion, make_betas
-from imagen.reference.guidance import apply_guidance, dynamic_threshold
+from imagen.reference.guidance import GuidedDenoiser, apply_guidance, dynamic_threshold
 from imagen.reference.imagen import Imagen, ImagenConfig, make_noise_source
 from imagen.reference.unet import PRESETS, Base, BaseTest, Super, SuperTest, Unet, preset_config
 
@@ -142,11 +142,16 @@ def test_guidance_scale_one_equals_conditional_prediction():
     with torch.no_grad():
         cond = unet(x, text_keep=torch.ones(3, dtype=torch.bool), **inputs)
         uncond = unet(x, text_keep=torch.zeros(3, dtype=torch.bool), **inputs)
-    guided = imagen.predict_noise(unet, x, 5, inputs["text_embeds"], inputs["text_mask"], 3.0)
+    def guided_noise(scale):
+        denoiser = GuidedDenoiser(unet, imagen.noise_schedulers[0], inputs["text_embeds"], inputs["text_mask"],
+                                  guidance_scale=scale, percentile=0.9)
+        return denoiser.predict_noise(x, 5)
+
+    guided = guided_noise(3.0)
     # Batch 6 and batch 3 may take different float32 kernels (~1e-6 apart), which a scale of 3
     # amplifies; a wrong combination would be off by O(1).
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
-    unguided = imagen.predict_noise(unet, x, 5, inputs["text_embeds"], inputs["text_mask"], 1.0)
+    unguided = guided_noise(1.0)
     torch.testing.assert_close(unguided, unet(x, torch.full((3,), 5.0), text_embeds=inputs["text_embeds"],
                                               text_mask=inputs["text_mask"]), rtol=1e-5, atol=1e-6)
 

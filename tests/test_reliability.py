@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from imagen.runtime import Pipeline, load_manifest
-from imagen.runtime import pipeline as pipeline_module
+from imagen.runtime import Pipeline, load_bundle
+from imagen.runtime import backends as backends_module
 from imagen.runtime.errors import BackendError, BundleError, ParameterError, PromptError
 from test_runtime import _sha, edit_manifest, make_bundle
 
@@ -35,14 +35,14 @@ def test_manifest_external_data_paths_must_stay_inside(tmp_path, location, patte
     entry = {"file": location, "bytes": 7, "sha256": _sha(b"weights")}
     edit_manifest(root, lambda m: m["stages"]["unet_1"].update(external_data=[entry]))
     with pytest.raises(BundleError, match=rf"stage unet_1 external data 0.*{pattern}"):
-        load_manifest(root)
+        load_bundle(root)
 
 
 @pytest.mark.parametrize("location", ["../outside.bin", "ABSOLUTE", "link.bin"])
 def test_onnx_external_data_leaving_the_model_folder_is_refused(tmp_path, location):
     onnx = pytest.importorskip("onnx")
     from imagen.runtime.backends import OnnxRuntimeBackend
-    from imagen.runtime.bundle import StageSpec, TensorSpec
+    from imagen.runtime.contract import StageSignature, TensorSpec
     from onnx import TensorProto, helper, numpy_helper
 
     folder = tmp_path / "bundle"
@@ -61,8 +61,7 @@ def test_onnx_external_data_leaving_the_model_folder_is_refused(tmp_path, locati
         if entry.key == "location":
             entry.value = location
     onnx.save(model, folder / "m.onnx")
-    stage = StageSpec("unet_0", folder / "m.onnx", (TensorSpec("x", "float32", (4,)),),
-                      (TensorSpec("y", "float32", (4,)),), 1, 1, 1)
+    stage = StageSignature("unet_0", (TensorSpec("x", "float32", (4,)),), (TensorSpec("y", "float32", (4,)),), 1, 1, 1)
     with pytest.raises(BackendError, match=r"onnxruntime cannot load .*m\.onnx \(stage unet_0\)"):
         OnnxRuntimeBackend(folder / "m.onnx", stage, threads=1)
 
@@ -118,12 +117,12 @@ def no_engines(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an engine or session was created")
 
-    monkeypatch.setattr(pipeline_module, "TensorRTBackend", refuse)
+    monkeypatch.setattr(backends_module, "TensorRTBackend", refuse)
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
 
 
 def _fake_gpu(monkeypatch, capability: str, version: str):
-    monkeypatch.setattr(pipeline_module, "tensorrt_environment", lambda: (None, None, capability, version))
+    monkeypatch.setattr(backends_module, "tensorrt_environment", lambda: (None, None, capability, version))
 
 
 @pytest.mark.parametrize("capability,version", [("8.9", "10.3.0"), ("9.0", "10.0.1"), ("8.6", "8.6.1")])
@@ -161,7 +160,7 @@ def test_auto_backend_falls_back_to_onnxruntime_on_a_mismatch(bundle_fp32, tmp_p
     shutil.copytree(bundle_fp32, root)
     _with_engines(root, "9.0", "10.3.0")
     _fake_gpu(monkeypatch, "8.0", "10.3.0")
-    monkeypatch.setattr(pipeline_module, "TensorRTBackend", lambda *a, **k: pytest.fail("engine deserialised"))
+    monkeypatch.setattr(backends_module, "TensorRTBackend", lambda *a, **k: pytest.fail("engine deserialised"))
     pipe = Pipeline.load(root, backend="auto", threads=1)
     assert pipe.backend_name == "onnxruntime"
     assert pipe("a red circle", steps=1, seed=0).info[0]["backend"] == "onnxruntime"
@@ -407,7 +406,7 @@ CASES = {
     "eval bad path": ("imagen-eval", lambda T, B, X: ["--bundle", T / "nope", "--n", "1"], "does not exist"),
     "eval bad option": ("imagen-eval", lambda T, B, X: ["--bundle", B, "--n", "0"], "--n"),
     "eval bad sampler": ("imagen-eval", lambda T, B, X: ["--bundle", B, "--n", "1", "--sampler", "euler"],
-                         "sampler must be"),
+                         "is not one of"),
     "eval broken bundle": ("imagen-eval", lambda T, B, X: ["--bundle", X["bundle"], "--n", "1"], "unet_1.onnx"),
 }
 
@@ -490,4 +489,4 @@ def test_cli_never_overwrites_without_force(bundle_fp32, tiny_run, tmp_path):
     forced = _invoke(clis["imagen-eval"][0], args + ["--force"])
     assert forced.exit_code == 0, forced.stderr
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_manifest(bundle_fp32).short_sha  # the bundle still verifies
+    assert load_bundle(bundle_fp32).short_sha  # the bundle still verifies

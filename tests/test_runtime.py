@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from imagen.runtime import Pipeline, errors, load_manifest
+from imagen.runtime import Pipeline, errors, load_bundle
 from imagen.runtime.backends import OnnxRuntimeBackend, check_feeds
-from imagen.runtime.bundle import expected_signature
+from imagen.runtime.contract import text_encoder_signature, unet_signature
 from imagen.runtime.cli import main as run_cli
 from imagen.runtime.errors import (
     BundleError,
@@ -24,9 +24,9 @@ from imagen.runtime.errors import (
     PromptError,
     SignatureError,
 )
-from imagen.runtime.guidance import dynamic_threshold, guide
-from imagen.runtime.resize import resize_image
-from imagen.runtime.samplers import SAMPLERS, run_sampler
+from imagen.runtime.guidance import apply_guidance, dynamic_threshold
+from imagen.runtime.images import resize_image
+from imagen.runtime.samplers import run_sampler, spaced_timesteps
 from imagen.runtime.schedule import Schedule
 from imagen.runtime.tokenizer import Tokenizer
 
@@ -196,19 +196,17 @@ def test_schedule_matches_reference_buffers(kind, timesteps):
     from imagen.reference.diffusion import GaussianDiffusion
 
     reference = GaussianDiffusion(timesteps=timesteps, schedule=kind)
-    schedule = Schedule.from_manifest(json.loads(json.dumps(reference.to_manifest())))
+    from imagen.runtime.contract import ScheduleEntry
+
+    written = ScheduleEntry(tuple(reference.betas_array.tolist()), kind, timesteps).to_json()
+    schedule = Schedule(ScheduleEntry.from_json("unet_0", json.loads(json.dumps(written))).betas)
     for name in (
         "betas",
         "alphas_cumprod",
-        "alphas_cumprod_prev",
         "sqrt_alphas_cumprod",
         "sqrt_one_minus_alphas_cumprod",
         "sqrt_recip_alphas_cumprod",
         "sqrt_recipm1_alphas_cumprod",
-        "posterior_variance",
-        "posterior_log_variance_clipped",
-        "posterior_mean_coef1",
-        "posterior_mean_coef2",
     ):
         ours, theirs = getattr(schedule, name), getattr(reference, name).numpy()
         assert ours.dtype == np.float64
@@ -217,23 +215,22 @@ def test_schedule_matches_reference_buffers(kind, timesteps):
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 7, 29, 30])
 def test_timesteps_match_reference(steps):
-    from imagen.reference.samplers import spaced_timesteps
+    from imagen.reference.samplers import spaced_timesteps as reference_timesteps
 
-    schedule = Schedule(np.linspace(1e-3, 0.5, 30))
-    assert schedule.timesteps(steps) == spaced_timesteps(30, steps)
-    assert schedule.timesteps(steps)[0] == 29 and schedule.timesteps(steps)[-1] == (0 if steps > 1 else 29)
+    ours = spaced_timesteps(30, steps)
+    assert ours == reference_timesteps(30, steps)
+    assert ours[0] == 29 and ours[-1] == (0 if steps > 1 else 29)
 
 
 @pytest.mark.parametrize("steps,strength,kept", [(25, 0.6, 15), (30, 0.5, 15), (5, 0.01, 1), (7, 1.0, 7), (1, 0.5, 1)])
 def test_sr_strength_keeps_the_last_steps(steps, strength, kept):
-    from imagen.reference.samplers import spaced_timesteps
+    from imagen.reference.samplers import spaced_timesteps as reference_timesteps
 
-    schedule = Schedule(np.linspace(1e-3, 0.5, 30))
-    ours = schedule.timesteps(steps, strength)
-    assert ours == spaced_timesteps(30, steps, strength)
-    assert len(ours) == kept and ours == schedule.timesteps(steps)[len(schedule.timesteps(steps)) - kept:]
+    ours = spaced_timesteps(30, steps, strength)
+    assert ours == reference_timesteps(30, steps, strength)
+    assert len(ours) == kept and ours == spaced_timesteps(30, steps)[steps - kept:]
     with pytest.raises(ValueError, match="strength"):
-        schedule.timesteps(steps, 0.0)
+        spaced_timesteps(30, steps, 0.0)
 
 
 # Guidance, dynamic thresholding, resize
@@ -242,14 +239,14 @@ def test_sr_strength_keeps_the_last_steps(steps, strength, kept):
 @pytest.mark.parametrize("seed", range(3))
 def test_guidance_and_dynamic_threshold_match_reference(seed):
     import torch
-    from imagen.reference.guidance import apply_guidance
+    from imagen.reference.guidance import apply_guidance as ref_guidance
     from imagen.reference.guidance import dynamic_threshold as ref_threshold
 
     rng = np.random.default_rng(seed)
     cond, uncond = (rng.standard_normal((3, 3, 8, 8), dtype=np.float32) * 2 for _ in range(2))
     for scale in (0.0, 1.0, 5.0, 7.5):
-        ours = guide(cond, uncond, scale)
-        theirs = apply_guidance(torch.from_numpy(cond), torch.from_numpy(uncond), scale).numpy()
+        ours = apply_guidance(cond, uncond, scale)
+        theirs = ref_guidance(torch.from_numpy(cond), torch.from_numpy(uncond), scale).numpy()
         assert ours.dtype == np.float32
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
     x0 = (
@@ -268,7 +265,7 @@ def test_guidance_and_dynamic_threshold_match_reference(seed):
 @pytest.mark.parametrize("n_in,n_out", [(16, 32), (8, 64), (5, 13), (32, 32), (3, 4)])
 def test_resize_matches_reference(n_in, n_out):
     import torch
-    from imagen.reference.resize import resize_image as ref_resize
+    from imagen.reference.images import resize_image as ref_resize
 
     x = np.random.default_rng(n_in * n_out).standard_normal((2, 3, n_in, n_in), dtype=np.float32)
     ours = resize_image(x, n_out)
@@ -313,7 +310,7 @@ def test_sampler_matches_reference_every_step(sampler, steps, eta):
 
     reference = GaussianDiffusion(timesteps=30, schedule="linear")
     schedule = Schedule(reference.betas_array)
-    timesteps = schedule.timesteps(steps)
+    timesteps = spaced_timesteps(schedule.num_timesteps, steps)
     start = np.random.default_rng(1).standard_normal((2, 3, 8, 8), dtype=np.float32)
     ours, theirs = [], []
     gen_a, gen_b = (np.random.Generator(np.random.PCG64(7)) for _ in range(2))
@@ -346,9 +343,6 @@ def test_sampler_matches_reference_every_step(sampler, steps, eta):
     assert gen_a.bit_generator.state == gen_b.bit_generator.state
 
 
-def test_samplers_registry():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m"}
-
 
 # A hand-made bundle: files with arbitrary bytes, a valid manifest (no real models needed for verification)
 
@@ -372,15 +366,17 @@ def make_bundle(root: Path, max_batch: int = 4) -> Path:
         (root / f"{name}.onnx").write_bytes(data)
         unet = None if name == "text_encoder" else index - 1
         size = SIZES[unet] if unet is not None else 0
-        inputs, outputs = expected_signature(unet, size, 3, LENGTH, WIDTH, bool(unet))
+        signature = (
+            text_encoder_signature(LENGTH, WIDTH, max_batch)
+            if unet is None
+            else unet_signature(unet, size, LENGTH, WIDTH, unet > 0, max_batch)
+        ).to_json()
         stage = {
             "file": f"{name}.onnx",
             "bytes": len(data),
             "sha256": _sha(data),
             "precision": "fp32",
-            "inputs": _spec(inputs),
-            "outputs": _spec(outputs),
-            "batch": {"min": 1, "opt": 1, "max": max_batch * (1 if unet is None else 2)},
+            **signature,
             "parity": {
                 "batch_sizes": [1, 3],
                 "rel_error": [0, 0],
@@ -462,8 +458,8 @@ class FakeBackend:
 
 
 def fake_pipeline(root: Path) -> Pipeline:
-    manifest = load_manifest(root)
-    return Pipeline(manifest, {name: FakeBackend(stage) for name, stage in manifest.stages.items()})
+    bundle = load_bundle(root)
+    return Pipeline(bundle, {name: FakeBackend(stage.signature) for name, stage in bundle.stages.items()})
 
 
 @pytest.fixture
@@ -482,10 +478,10 @@ def no_sessions(monkeypatch):
 
 
 def test_hand_made_bundle_verifies(fake_bundle):
-    manifest = load_manifest(fake_bundle)
-    assert list(manifest.stages) == ["text_encoder", "unet_0", "unet_1"]
-    assert manifest.max_batch == 4 and manifest.image_sizes == list(SIZES)
-    assert manifest.short_sha == _sha((fake_bundle / "manifest.json").read_bytes())[:16]
+    bundle = load_bundle(fake_bundle)
+    assert list(bundle.stages) == ["text_encoder", "unet_0", "unet_1"]
+    assert bundle.max_batch == 4 and bundle.manifest.image_sizes == SIZES
+    assert bundle.short_sha == _sha((fake_bundle / "manifest.json").read_bytes())[:16]
 
 
 def _corrupt_sha(root):
@@ -565,7 +561,7 @@ def test_broken_bundles_raise_bundle_error_before_any_session(case, fake_bundle,
     breaker, pattern = BROKEN[case]
     breaker(fake_bundle)
     with pytest.raises(BundleError, match=pattern):
-        load_manifest(fake_bundle)
+        load_bundle(fake_bundle)
     with pytest.raises(BundleError, match=pattern):
         Pipeline.load(fake_bundle, backend="onnxruntime")
 
@@ -576,12 +572,12 @@ def test_tokenizer_files_are_hashed(fake_bundle):
     entry = {"file": "tokenizer/spiece.model", "bytes": 5, "sha256": _sha(b"other")}
     edit_manifest(fake_bundle, _set(["tokenizer", "files"], {"spiece.model": entry}))
     with pytest.raises(BundleError, match=r"spiece\.model.*sha256"):
-        load_manifest(fake_bundle)
+        load_bundle(fake_bundle)
 
 
 def test_missing_bundle_and_demo(tmp_path, monkeypatch):
     with pytest.raises(BundleError, match="does not exist"):
-        load_manifest(tmp_path / "nope")
+        load_bundle(tmp_path / "nope")
     from imagen.runtime import pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "DEMO_BUNDLE", tmp_path / "no-demo")
@@ -606,7 +602,7 @@ def test_fake_pipeline_runs_and_is_deterministic(fake_bundle):
     assert len(result.images) == 4 and result.images[0].size == (16, 16)
     assert [i["prompt"] for i in result.info] == ["a red circle", "a red circle", "ü", "ü"]
     assert result.info[0]["steps"] == [3, 3] and result.info[0]["seed"] == 5
-    assert result.info[0]["bundle_sha"] == load_manifest(fake_bundle).short_sha
+    assert result.info[0]["bundle_sha"] == load_bundle(fake_bundle).short_sha
     assert set(result.info[0]["timings"]) == {"text", "unet_0", "unet_1", "total"}
     assert [(s, i, t) for s, i, t, _ in seen] == [
         (0, 0, 29),
@@ -680,14 +676,15 @@ def test_bad_parameters_raise_parameter_error_naming_them(name, kwargs, fake_bun
 
 def test_bundle_default_sr_strength_is_used_and_counted(fake_bundle):
     pipe = fake_pipeline(fake_bundle)
-    assert pipe.model_calls(steps=10) == [10, 10]
+    assert pipe.model_calls(pipe.settings(steps=10)) == [10, 10]
     full = pipe("a prompt", steps=10, seed=3)
     edit_manifest(fake_bundle, lambda m: m["defaults"].update(sr_strength=0.3))
     pipe = fake_pipeline(fake_bundle)
-    assert pipe.model_calls(steps=10) == [10, 3] and pipe.model_calls(steps=10, sr_strength=1) == [10, 10]
+    assert pipe.model_calls(pipe.settings(steps=10)) == [10, 3]
+    assert pipe.model_calls(pipe.settings(steps=10, sr_strength=1)) == [10, 10]
     calls = []
     short = pipe("a prompt", steps=10, seed=3, callback=lambda u, i, t, x: calls.append((u, t)))
-    assert [t for u, t in calls if u == 1] == pipe.manifest.schedules["unet_1"].timesteps(10)[-3:]
+    assert [t for u, t in calls if u == 1] == spaced_timesteps(T, 10)[-3:]
     assert short.info[0]["sr_strength"] == 0.3 and full.info[0]["sr_strength"] == 1.0
     assert not np.array_equal(short.array, full.array)
     np.testing.assert_array_equal(pipe("a prompt", steps=10, seed=3, sr_strength=1.0).array, full.array)
@@ -788,9 +785,10 @@ def _unet_feeds(batch=2, size=16, length=24, width=128):
 
 
 def test_backend_raises_signature_error(bundle_fp32):
-    manifest = load_manifest(bundle_fp32)
-    stage = manifest.stages["unet_0"]
-    backend = OnnxRuntimeBackend(stage.path, stage, threads=1)
+    bundle = load_bundle(bundle_fp32)
+    stage = bundle.stages["unet_0"]
+    backend = OnnxRuntimeBackend(bundle.path(stage.file), stage.signature, threads=1)
+    manifest = bundle.manifest
     width, length, size = manifest.embed_dim, manifest.max_length, manifest.image_sizes[0]
     good = _unet_feeds(2, size, length, width)
     assert backend.run(good)["noise_pred"].shape == (2, 3, size, size)
@@ -880,7 +878,7 @@ def test_cli_writes_png_with_metadata_and_refuses_overwrite(bundle_fp32, tmp_pat
     assert image.text["prompt"] == "a red circle" and image.text["seed"] == "4"
     assert image.text["sampler"] == "ddpm" and json.loads(image.text["steps"]) == [3, 3]
     assert (
-        image.text["bundle_sha"] == load_manifest(bundle_fp32).short_sha
+        image.text["bundle_sha"] == load_bundle(bundle_fp32).short_sha
         and float(image.text["guidance"]) == 5.0
     )
     pipe = Pipeline.load(bundle_fp32, threads=1)
@@ -935,7 +933,7 @@ def test_cli_json_and_out_dir(bundle_fp32, tmp_path):
     [
         (["--bundle", "/nonexistent/bundle"], "does not exist"),
         (["--steps", "0"], "steps must be"),
-        (["--sampler", "euler"], "sampler must be"),
+        (["--sampler", "euler"], "is not one of"),
         (["--num-images", "2"], "-o/--out names one file"),
     ],
 )

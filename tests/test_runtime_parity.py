@@ -11,7 +11,9 @@ import threading
 
 import numpy as np
 import pytest
+from imagen.reference.images import to_uint8
 from imagen.runtime import Pipeline
+from imagen.runtime.samplers import spaced_timesteps
 
 PROMPTS = ["a red circle", "two blue squares on a grün background"]
 SEED = 1234
@@ -20,15 +22,6 @@ SEED = 1234
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def to_uint8(image01: np.ndarray) -> np.ndarray:
-    """(N, C, s, s) in [0, 1] -> uint8 (N, s, s, C), as the runtime rounds."""
-    return (
-        np.floor(np.clip(image01, 0, 1) * np.float32(255) + np.float32(0.5))
-        .astype(np.uint8)
-        .transpose(0, 2, 3, 1)
-    )
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,7 +83,7 @@ def test_fp32_ddpm_all_steps_and_final_images(reference, pipe_fp32):
     images, ref_steps = reference_sample(reference, PROMPTS, SEED)
     result, steps = runtime_sample(pipe_fp32, PROMPTS, SEED)
     base = [s for s in steps if s[0] == 0]
-    assert len(base) == pipe_fp32.manifest.schedules["unet_0"].num_timesteps
+    assert len(base) == pipe_fp32.bundle.schedules["unet_0"].num_timesteps
     worst = compare_steps(steps, ref_steps, 1e-4, "ddpm fp32")
     ours, theirs = result.array, to_uint8(images)
     diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
@@ -105,7 +98,7 @@ def test_fp32_ddpm_all_steps_and_final_images(reference, pipe_fp32):
 
 def test_fp16_bundle_against_fp32_reference(reference, bundle_fp16):
     pipe = Pipeline.load(bundle_fp16, backend="onnxruntime", threads=1)
-    assert pipe.manifest.stages["unet_0"].precision == "fp16"
+    assert pipe.bundle.stages["unet_0"].precision == "fp16"
     images, _ = reference_sample(reference, PROMPTS, SEED)
     result, steps = runtime_sample(pipe, PROMPTS, SEED)
     assert all(np.isfinite(x).all() for _, _, _, x in steps)
@@ -139,7 +132,7 @@ def test_sr_strength_every_step_fp32(sampler, steps, sr_strength, reference, pip
     result, ours = runtime_sample(pipe_fp32, PROMPTS, SEED + 2, sampler=sampler, steps=steps, sr_strength=sr_strength)
     kept = round(steps * sr_strength)
     assert len(ours) == steps + kept
-    assert [t for u, _, t, _ in ours if u == 1] == pipe_fp32.manifest.schedules["unet_1"].timesteps(steps)[-kept:]
+    assert [t for u, _, t, _ in ours if u == 1] == spaced_timesteps(pipe_fp32.bundle.timesteps[1], steps)[-kept:]
     worst = compare_steps(ours, ref_steps, 1e-4, f"{sampler} sr_strength={sr_strength}")
     value = psnr(result.array, to_uint8(images))
     print(f"\n{sampler} steps={steps} sr_strength={sr_strength}: worst per-step rel error {worst:.2e}, "
@@ -154,7 +147,7 @@ def test_small_sr_strength_keeps_the_upsampled_base_image(pipe_fp32):
     measured); from pure noise it does not (0.55)."""
     from imagen.runtime.resize import resize_image
 
-    size = pipe_fp32.manifest.image_sizes[1]
+    size = pipe_fp32.bundle.manifest.image_sizes[1]
     errors = {}
     for strength in (0.01, 1.0):
         result, seen = runtime_sample(pipe_fp32, PROMPTS, SEED, sampler="ddim", steps=[4, 30], sr_strength=strength)

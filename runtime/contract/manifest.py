@@ -1,0 +1,402 @@
+"""The manifest, typed: one frozen dataclass per JSON object (`Manifest`, `StageEntry`, ...),
+read with `from_json` (a BundleError naming the field and the fix) and written with
+`to_json` (what export writes, key for key).
+
+Reading checks the type and range of each field on its own; whether files exist, their
+sizes and hashes, and whether the signatures are the ones this runtime feeds is
+verification (`imagen.runtime.bundle`).
+"""
+
+from dataclasses import dataclass, field
+
+from ..errors import BundleError, ParameterError
+from ..settings import check_sampler, check_sr_strength, check_steps, is_int, is_number
+from .signatures import (
+    BATCH,
+    FORMAT,
+    FORMAT_VERSION,
+    LOWRES,
+    MANIFEST,
+    MAX_TOKEN_ID,
+    REEXPORT,
+    SUPPORTED_VERSIONS,
+    TOKENIZER_KINDS,
+    StageSignature,
+    TensorSpec,
+    stage_names,
+    unet_name,
+)
+
+# Reading JSON fields: each names the field and says what to do
+
+
+def _fail(where: str, message: str) -> BundleError:
+    return BundleError(f"{MANIFEST}: {where} {message}; {REEXPORT}")
+
+
+_KINDS = {int: ("an integer", is_int), float: ("a number", is_number), str: ("a string", None),
+          dict: ("an object", None), list: ("a list", None), bool: ("true or false", None)}
+
+
+def _get(mapping: dict, key: str, kind, where: str, default=...):
+    """mapping[key] if it is of `kind`; `default` when the key is absent (if one is given)."""
+    if default is not ... and key not in mapping:
+        return default
+    value = mapping.get(key)
+    name, check = _KINDS[kind]
+    if not (check(value) if check else isinstance(value, kind)):
+        raise _fail(f"{where}{key}", f"is missing or not {name}")
+    return value
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(where, "is missing or not an object")
+    return value
+
+
+# The manifest
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the bundle: its path relative to the bundle folder, size and sha256."""
+
+    file: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, entry, where: str) -> "FileEntry":
+        entry = _object(entry, where)
+        file = entry.get("file")
+        if not isinstance(file, str) or not file:
+            raise _fail(where, "has no file name")
+        return cls(file, _get(entry, "bytes", int, f"{where}."), _get(entry, "sha256", str, f"{where}."))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Relative error of the stage in ONNX Runtime against PyTorch, measured at export."""
+
+    batch_sizes: list
+    rel_error: list
+    tolerance: float
+    passed: bool
+    forced: bool
+
+    def to_json(self) -> dict:
+        return {"batch_sizes": self.batch_sizes, "rel_error": self.rel_error, "tolerance": self.tolerance,
+                "passed": self.passed, "forced": self.forced}
+
+
+def _tensor_specs(entries, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise _fail(where, "must be a non-empty list")
+    specs = []
+    for entry in entries:
+        entry = _object(entry, where)
+        name, dtype = _get(entry, "name", str, f"{where}."), _get(entry, "dtype", str, f"{where}.")
+        shape = _get(entry, "shape", list, f"{where}.")
+        for d in shape:
+            if not (d == BATCH or (is_int(d) and d >= 1)):
+                raise _fail(f"{where} {name}", f"has dimension {d!r}; expected a positive integer or {BATCH!r}")
+        specs.append(TensorSpec(name, dtype, tuple(shape)))
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One stage: its ONNX file (and external data), precision and signature, plus what export measured."""
+
+    name: str
+    file: FileEntry
+    precision: str
+    signature: StageSignature
+    parity: Parity | None = None
+    flops: int | None = None
+    external_data: tuple[FileEntry, ...] = ()
+    image_size: int | None = None  # Unets only
+    lowres_cond: bool | None = None  # Unets only: true for super-resolution Unets
+
+    @classmethod
+    def from_json(cls, name: str, entry) -> "StageEntry":
+        where = f"stages.{name}"
+        entry = _object(entry, where)
+        file = FileEntry.from_json(entry, f"stage {name}")
+        extra = entry.get("external_data") or []
+        if not isinstance(extra, list):
+            raise _fail(f"{where}.external_data", "must be a list")
+        batch = _object(entry.get("batch"), f"{where}.batch")
+        low, opt, high = (_get(batch, k, int, f"{where}.batch.") for k in ("min", "opt", "max"))
+        if not 1 <= low <= high:
+            raise _fail(f"{where}.batch", f"min {low} / max {high} must satisfy 1 <= min <= max")
+        inputs, outputs = _tensor_specs(entry.get("inputs"), f"{where}.inputs"), _tensor_specs(
+            entry.get("outputs"), f"{where}.outputs")
+        parity = entry.get("parity")
+        return cls(
+            name=name,
+            file=file,
+            precision=_get(entry, "precision", str, f"{where}.", "fp32"),
+            signature=StageSignature(name, inputs, outputs, low, opt, high),
+            parity=Parity(**parity) if isinstance(parity, dict) and set(parity) == set(Parity.__annotations__)
+            else None,
+            flops=entry.get("flops") if is_int(entry.get("flops")) else None,
+            external_data=tuple(FileEntry.from_json(e, f"stage {name} external data {i}") for i, e in enumerate(extra)),
+            image_size=_get(entry, "image_size", int, f"{where}.", None),
+            lowres_cond=_get(entry, "lowres_cond", bool, f"{where}.", None),
+        )
+
+    def to_json(self) -> dict:
+        out = {**self.file.to_json(), "precision": self.precision, **self.signature.to_json()}
+        if self.parity is not None:
+            out["parity"] = self.parity.to_json()
+        if self.flops is not None:
+            out["flops"] = self.flops
+        if self.external_data:
+            out["external_data"] = [e.to_json() for e in self.external_data]
+        if self.image_size is not None:
+            out["image_size"] = self.image_size
+        if self.lowres_cond is not None:
+            out["lowres_cond"] = self.lowres_cond
+        return out
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    """`byte` (UTF-8 bytes + offset, ByT5's convention) or `sentencepiece` (files: spiece.model)."""
+
+    kind: str
+    pad_id: int = 0
+    eos_id: int = 1
+    offset: int = 0
+    max_length: int | None = None
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    extra_ids: int = 0  # sentencepiece: T5's <extra_id_0> ... are the last ids of the vocabulary
+
+    @classmethod
+    def from_json(cls, entry) -> "TokenizerEntry":
+        entry = _object(entry, "tokenizer")
+        kind = _get(entry, "kind", str, "tokenizer.")
+        if kind not in TOKENIZER_KINDS:
+            raise _fail("tokenizer", f"kind {kind!r} is unknown ({', '.join(TOKENIZER_KINDS)})")
+        ids = {}
+        for key, default in (("pad_id", 0), ("eos_id", 1), ("offset", 3 if kind == "byte" else 0)):
+            value = entry.get(key, default)
+            if not is_int(value) or not 0 <= value < MAX_TOKEN_ID:
+                raise _fail(f"tokenizer.{key}", f"is {value!r}; expected an integer in [0, {MAX_TOKEN_ID})")
+            ids[key] = value
+        files = _get(entry, "files", dict, "tokenizer.", {})
+        extra_ids = entry.get("extra_ids", 0)
+        if not is_int(extra_ids) or not 0 <= extra_ids < MAX_TOKEN_ID:
+            raise _fail("tokenizer.extra_ids", f"is {extra_ids!r}; expected an integer in [0, {MAX_TOKEN_ID})")
+        return cls(kind, **ids, max_length=entry.get("max_length") if is_int(entry.get("max_length")) else None,
+                   files={name: FileEntry.from_json(e, f"tokenizer file {name}") for name, e in files.items()},
+                   extra_ids=extra_ids)
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind}
+        if self.max_length is not None:
+            out["max_length"] = self.max_length
+        out.update(pad_id=self.pad_id, eos_id=self.eos_id, offset=self.offset)
+        out["files"] = {name: e.to_json() for name, e in self.files.items()}
+        if self.extra_ids:
+            out["extra_ids"] = self.extra_ids
+        return out
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """float64 betas; `kind` and `timesteps` say which recipe made them."""
+
+    betas: tuple
+    kind: str = "linear"
+    timesteps: int | None = None
+
+    @classmethod
+    def from_json(cls, name: str, entry) -> "ScheduleEntry":
+        where = f"schedules.{name}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("betas"), list):
+            raise _fail(where, "(with its betas) is missing")
+        betas = entry["betas"]
+        if not betas or not all(is_number(b) and 0 < b < 1 for b in betas):
+            raise _fail(where, "betas must be a non-empty list of numbers in (0, 1)")
+        kind = entry.get("kind", "linear")
+        return cls(tuple(betas), kind if isinstance(kind, str) else "linear",
+                   entry.get("timesteps") if is_int(entry.get("timesteps")) else None)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "timesteps": self.timesteps, "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The settings a request takes when it leaves them out."""
+
+    guidance_scale: float
+    dynamic_thresholding_percentile: float
+    lowres_sample_noise_level: float
+    sampler: str = "ddpm"
+    steps: int | dict | None = None  # None: every timestep; an int for all Unets; {"unet_i": n}
+    sr_strength: float | None = None  # absent in bundles written before it: 1.0
+
+    @classmethod
+    def from_json(cls, entry) -> "Defaults":
+        entry = _object(entry, "defaults")
+        numbers = {k: _get(entry, k, float, "defaults.") for k in
+                   ("guidance_scale", "dynamic_thresholding_percentile", "lowres_sample_noise_level")}
+        if not 0 < numbers["dynamic_thresholding_percentile"] <= 1 or not 0 <= numbers["lowres_sample_noise_level"] <= 1:
+            raise _fail("defaults", "out of range (percentile in (0, 1], noise level in [0, 1])")
+        defaults = cls(**numbers, sampler=entry.get("sampler", "ddpm"), steps=entry.get("steps"),
+                       sr_strength=entry.get("sr_strength"))
+        try:
+            check_sampler(defaults.sampler)
+            check_sr_strength(1.0 if defaults.sr_strength is None else defaults.sr_strength)
+        except ParameterError as error:
+            raise _fail(f"defaults.{error.parameter}", f"{error.value!r} is not {error.limit}") from None
+        return defaults
+
+    def steps_per_unet(self, timesteps: list[int]) -> tuple[int, ...]:
+        """The default steps of each Unet (a Unet left out of {"unet_i": n}, or null, runs every timestep)."""
+        names = [unet_name(i) for i in range(len(timesteps))]
+        per_unet = self.steps if isinstance(self.steps, dict) else dict.fromkeys(names, self.steps)
+        try:
+            if not set(per_unet) <= set(names):
+                raise ParameterError("steps", "", self.steps)
+            return tuple(check_steps(per_unet.get(name), total) for name, total in zip(names, timesteps))
+        except ParameterError:
+            raise _fail("defaults.steps", f"{self.steps!r} is not null, an integer in [1, timesteps] or "
+                        "{\"unet_i\": n} per Unet") from None
+
+    def to_json(self) -> dict:
+        out = {"guidance_scale": self.guidance_scale,
+               "dynamic_thresholding_percentile": self.dynamic_thresholding_percentile,
+               "lowres_sample_noise_level": self.lowres_sample_noise_level, "sampler": self.sampler,
+               "steps": self.steps}
+        if self.sr_strength is not None:
+            out["sr_strength"] = self.sr_strength
+        return out
+
+
+@dataclass(frozen=True)
+class TensorRTEntry:
+    """Engines built on and for one GPU kind and TensorRT version."""
+
+    dir: str
+    compute_capability: str
+    version: str
+    engines: dict[str, FileEntry]
+
+    @classmethod
+    def from_json(cls, entry) -> "TensorRTEntry":
+        entry = _object(entry, "tensorrt")
+        engines = _get(entry, "engines", dict, "tensorrt.")
+        return cls(str(entry.get("dir", "")), str(entry.get("compute_capability")), str(entry.get("version")),
+                   {name: FileEntry.from_json(e, f"TensorRT engine {name}") for name, e in engines.items()})
+
+    def to_json(self) -> dict:
+        return {"dir": self.dir, "compute_capability": self.compute_capability, "version": self.version,
+                "engines": {name: e.to_json() for name, e in self.engines.items()}}
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the bundle was exported from: the run's folder name, the sha256 of its config.json and
+    the weights taken; the checkpoint's full path only when export was asked to record it."""
+
+    name: str | None = None
+    config_sha256: str | None = None
+    checkpoint: str | None = None
+    weights: str | None = None
+
+    @classmethod
+    def from_json(cls, entry) -> "Source | None":
+        if not isinstance(entry, dict):
+            return None
+        return cls(**{key: entry[key] if isinstance(entry.get(key), str) else None for key in cls.__annotations__})
+
+    def to_json(self) -> dict:
+        return {key: getattr(self, key) for key in self.__annotations__ if getattr(self, key) is not None}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, typed. `producer` and `source` are informative and kept as read."""
+
+    channels: int
+    image_sizes: tuple[int, ...]
+    max_length: int
+    embed_dim: int
+    tokenizer: TokenizerEntry
+    schedules: dict[str, ScheduleEntry]
+    defaults: Defaults
+    stages: dict[str, StageEntry]
+    tensorrt: TensorRTEntry | None = None
+    producer: dict | None = None
+    source: Source | None = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, data) -> "Manifest":
+        if not isinstance(data, dict):
+            raise BundleError(f"{MANIFEST} is not a JSON object; {REEXPORT}")
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{MANIFEST}: format is {data.get('format')!r}, not {FORMAT!r}; this is not an "
+                              "imagen bundle, pass the folder written by imagen-export")
+        version = data.get("format_version")
+        if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+            raise BundleError(f"{MANIFEST}: format_version {version!r} is not supported by this runtime (supported: "
+                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}); {REEXPORT} of this version or install a "
+                              "matching imagen-cascade")
+        sizes = _get(data, "image_sizes", list, "")
+        if not sizes or not all(is_int(s) and s >= 1 for s in sizes) or sizes != sorted(set(sizes)):
+            raise _fail("image_sizes", f"{sizes!r} must be increasing positive integers")
+        text = _object(data.get("text"), "text")
+        names = stage_names(len(sizes))
+        stages = _object(data.get("stages"), "stages")
+        for name in names:
+            if name not in stages:
+                raise _fail("stages", f"stage {name!r} is missing (a bundle with image_sizes {sizes} has stages "
+                            f"{', '.join(names)})")
+        schedules = _object(data.get("schedules"), "schedules")
+        schedule_names = names[1:] + ([LOWRES] if len(sizes) > 1 else [])
+        tensorrt = data.get("tensorrt")
+        return cls(
+            channels=_get(data, "channels", int, ""),
+            image_sizes=tuple(sizes),
+            max_length=_get(text, "max_length", int, "text."),
+            embed_dim=_get(text, "embed_dim", int, "text."),
+            tokenizer=TokenizerEntry.from_json(data.get("tokenizer")),
+            schedules={name: ScheduleEntry.from_json(name, schedules.get(name)) for name in schedule_names},
+            defaults=Defaults.from_json(data.get("defaults")),
+            stages={name: StageEntry.from_json(name, stages[name]) for name in names},
+            tensorrt=None if tensorrt is None else TensorRTEntry.from_json(tensorrt),
+            producer=data.get("producer") if isinstance(data.get("producer"), dict) else None,
+            source=Source.from_json(data.get("source")),
+            format_version=version,
+        )
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT, "format_version": self.format_version}
+        if self.producer is not None:
+            out["producer"] = self.producer
+        if self.source is not None:
+            out["source"] = self.source.to_json()
+        out.update(
+            channels=self.channels,
+            image_sizes=list(self.image_sizes),
+            text={"max_length": self.max_length, "embed_dim": self.embed_dim},
+            tokenizer=self.tokenizer.to_json(),
+            schedules={name: s.to_json() for name, s in self.schedules.items()},
+            defaults=self.defaults.to_json(),
+            stages={name: s.to_json() for name, s in self.stages.items()},
+            tensorrt=None if self.tensorrt is None else self.tensorrt.to_json(),
+        )
+        return out
+
+    @property
+    def unets(self) -> list[StageEntry]:
+        return [self.stages[unet_name(i)] for i in range(len(self.image_sizes))]
