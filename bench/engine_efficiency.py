@@ -190,7 +190,7 @@ def _bundle_unets(bundle, measure) -> list[dict]:
         rows.append(
             measure(
                 label,
-                bundle.path(stage),
+                bundle.path(stage.file),
                 stage.signature,
                 int(stage.flops),
                 timesteps=bundle.schedules[name].num_timesteps,

@@ -603,7 +603,11 @@ def test_fake_pipeline_runs_and_is_deterministic(fake_bundle):
     assert [i["prompt"] for i in result.info] == ["a red circle", "a red circle", "ü", "ü"]
     assert result.info[0]["steps"] == [3, 3] and result.info[0]["seed"] == 5
     assert result.info[0]["bundle_sha"] == load_bundle(fake_bundle).short_sha
-    assert set(result.info[0]["timings"]) == {"text", "unet_0", "unet_1", "total"}
+    timings = result.info[0]["timings"]
+    assert set(timings) == {"tokenize", "text", "engine", "engine_calls", "engine:text_encoder", "engine:unet_0",
+                            "engine:unet_1", "resize", "unet_0", "unet_1", "total"}
+    assert timings["engine_calls"] == sum(backend.calls for backend in pipe.backends.values()) == 1 + 3 + 3
+    assert 0 <= timings["engine:unet_0"] <= timings["unet_0"] and 0 <= timings["engine"] <= timings["total"]
     assert [(s, i, t) for s, i, t, _ in seen] == [
         (0, 0, 29),
         (0, 1, 14),
