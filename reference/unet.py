@@ -93,12 +93,33 @@ class Unet(nn.Module):
         cond_dim = dim if config.cond_dim is None else config.cond_dim
         # Super-resolution Unets double the time conditioning width (MinImagen).
         time_cond_dim = dim * 4 * (2 if lowres_cond else 1)
+        # Modules are created in MinImagen's order (the random initialisation draws in that order).
+        self._build_conditioning(config, cond_dim, time_cond_dim)
+        self.channels = config.channels
+        self.channels_out = config.channels if config.channels_out is None else config.channels_out
+        self.init_conv = CrossEmbedLayer(self.channels * (2 if lowres_cond else 1), dim_out=dim,
+                                         kernel_sizes=(3, 7, 15), stride=1)
+        dims = [dim, *(dim * m for m in config.dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        levels = len(in_out)
+        per_level = [_per_level(getattr(config, name), levels, name)
+                     for name in ("num_resnet_blocks", "layer_attns", "layer_cross_attns")]
+        self.skip_connect_scale = 2**-0.5
+        skip_connect_dims = self._build_downs(config, in_out, per_level, cond_dim, time_cond_dim)
+        self._build_middle(config, dims[-1], cond_dim, time_cond_dim)
+        self._build_ups(config, in_out, per_level, skip_connect_dims, cond_dim, time_cond_dim)
+        self.final_res_block = ResnetBlock(dim, dim, time_cond_dim=time_cond_dim, groups=RESNET_GROUPS)
+        self.final_conv = nn.Conv2d(dim, self.channels_out, 3, padding=1)
 
+    def _build_conditioning(self, config: UnetConfig, cond_dim: int, time_cond_dim: int) -> None:
+        """Time (and low-res noise time) hiddens, conditioning and tokens; text projection and the
+        learned null text for classifier-free guidance."""
+        dim = config.dim
         self.to_time_hiddens = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.SiLU())
         self.to_time_cond = nn.Sequential(nn.Linear(time_cond_dim, time_cond_dim))
         self.to_time_tokens = nn.Sequential(nn.Linear(time_cond_dim, cond_dim * NUM_TIME_TOKENS))
-        self.lowres_cond = lowres_cond
-        if lowres_cond:
+        self.lowres_cond = config.lowres_cond
+        if config.lowres_cond:
             self.to_lowres_time_hiddens = nn.Sequential(
                 SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.SiLU())
             self.to_lowres_time_cond = nn.Sequential(nn.Linear(time_cond_dim, time_cond_dim))
@@ -114,27 +135,16 @@ class Unet(nn.Module):
             nn.LayerNorm(cond_dim), nn.Linear(cond_dim, time_cond_dim), nn.SiLU(),
             nn.Linear(time_cond_dim, time_cond_dim))
 
-        self.channels = config.channels
-        self.channels_out = config.channels if config.channels_out is None else config.channels_out
-        self.init_conv = CrossEmbedLayer(self.channels * (2 if lowres_cond else 1), dim_out=dim,
-                                         kernel_sizes=(3, 7, 15), stride=1)
+    def _transformer(self, config: UnetConfig, level_dim: int, use: bool) -> nn.Module:
+        return TransformerBlock(level_dim, heads=config.attn_heads, dim_head=ATTN_DIM_HEAD) if use else Identity()
 
-        dims = [dim, *(dim * m for m in config.dim_mults)]
-        in_out = list(zip(dims[:-1], dims[1:]))
-        levels = len(in_out)
-        num_resnet_blocks = _per_level(config.num_resnet_blocks, levels, "num_resnet_blocks")
-        layer_attns = _per_level(config.layer_attns, levels, "layer_attns")
-        layer_cross_attns = _per_level(config.layer_cross_attns, levels, "layer_cross_attns")
-        groups = RESNET_GROUPS
-        self.skip_connect_scale = 2**-0.5
-
-        def transformer(level_dim, use):
-            return TransformerBlock(level_dim, heads=config.attn_heads, dim_head=ATTN_DIM_HEAD) if use else Identity()
-
+    def _build_downs(self, config: UnetConfig, in_out: list, per_level: list, cond_dim: int,
+                     time_cond_dim: int) -> list[int]:
+        """The downsampling path; returns the width of each level's skip connection."""
+        groups, levels = RESNET_GROUPS, len(in_out)
         self.downs = nn.ModuleList()
         skip_connect_dims = []
-        for ind, ((dim_in, dim_out), n_blocks, attn, cross) in enumerate(
-                zip(in_out, num_resnet_blocks, layer_attns, layer_cross_attns)):
+        for ind, ((dim_in, dim_out), n_blocks, attn, cross) in enumerate(zip(in_out, *per_level)):
             is_last = ind == levels - 1
             current_dim = dim_in
             pre_downsample = None
@@ -152,11 +162,13 @@ class Unet(nn.Module):
                             time_cond_dim=time_cond_dim, groups=groups),
                 nn.ModuleList(ResnetBlock(current_dim, current_dim, time_cond_dim=time_cond_dim, groups=groups)
                               for _ in range(n_blocks)),
-                transformer(current_dim, attn),
+                self._transformer(config, current_dim, attn),
                 post_downsample,
             ]))
+        return skip_connect_dims
 
-        mid_dim = dims[-1]
+    def _build_middle(self, config: UnetConfig, mid_dim: int, cond_dim: int, time_cond_dim: int) -> None:
+        groups = RESNET_GROUPS
         self.mid_block1 = ResnetBlock(mid_dim, mid_dim, cond_dim=cond_dim, time_cond_dim=time_cond_dim,
                                       groups=groups)
         self.mid_attn = (ToTokens(Residual(_Attention(mid_dim, heads=config.attn_heads, dim_head=ATTN_DIM_HEAD)))
@@ -164,10 +176,13 @@ class Unet(nn.Module):
         self.mid_block2 = ResnetBlock(mid_dim, mid_dim, cond_dim=cond_dim, time_cond_dim=time_cond_dim,
                                       groups=groups)
 
+    def _build_ups(self, config: UnetConfig, in_out: list, per_level: list, skip_connect_dims: list[int],
+                   cond_dim: int, time_cond_dim: int) -> None:
+        """The upsampling path, mirroring the downsampling one, with its skip connections."""
+        groups, levels = RESNET_GROUPS, len(in_out)
         self.ups = nn.ModuleList()
-        for ind, ((dim_in, dim_out), n_blocks, attn, cross) in enumerate(
-                zip(reversed(in_out), reversed(num_resnet_blocks), reversed(layer_attns),
-                    reversed(layer_cross_attns))):
+        reversed_levels = zip(reversed(in_out), *(reversed(values) for values in per_level))
+        for ind, ((dim_in, dim_out), n_blocks, attn, cross) in enumerate(reversed_levels):
             is_last = ind == levels - 1
             skip_dim = skip_connect_dims.pop()
             self.ups.append(nn.ModuleList([
@@ -175,12 +190,9 @@ class Unet(nn.Module):
                             time_cond_dim=time_cond_dim, groups=groups),
                 nn.ModuleList(ResnetBlock(dim_out + skip_dim, dim_out, time_cond_dim=time_cond_dim, groups=groups)
                               for _ in range(n_blocks)),
-                transformer(dim_out, attn),
+                self._transformer(config, dim_out, attn),
                 Upsample(dim_out, dim_in) if not is_last or config.memory_efficient else Identity(),
             ]))
-
-        self.final_res_block = ResnetBlock(dim, dim, time_cond_dim=time_cond_dim, groups=groups)
-        self.final_conv = nn.Conv2d(dim, self.channels_out, 3, padding=1)
 
     def forward(self, x, time, *, text_embeds=None, text_mask=None, text_keep=None,
                 lowres_cond_img=None, lowres_noise_times=None, cond_drop_prob: float = 0.0):
