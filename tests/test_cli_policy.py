@@ -1,22 +1,26 @@
-"""One error policy for the four command lines (imagen/_cli.py) and one atomic write (imagen/_io.py).
+"""One error policy for the four command lines (imagen/_cli.py): one line on stderr, an exit
+status that names the kind of failure (2 user error, 1 unexpected, 130 interrupted), the
+traceback only with --debug, and no output overwritten without --force.
 
-The commands' inner functions are replaced by fakes that raise, so no test trains, exports or
-samples: what is checked is only what the command line makes of a failure.
+The first tests replace the commands' inner functions by fakes that raise, so nothing trains,
+exports or samples: what is checked is only what the command line makes of a failure. The
+others run the commands on broken inputs and on the tiny exported bundle.
 """
 
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+from imagen.runtime import load_bundle
 from imagen.runtime.errors import BundleError
 
-from imagen._io import atomic_save, atomic_save_folder, atomic_write
+PYTHON = sys.executable
 
 # command: (module, the function its main calls, arguments that reach it, the prefix of its lines)
 CLIS = {
@@ -29,11 +33,17 @@ CLIS = {
 # failure: (exception raised inside the command, exit status, the line after the prefix)
 FAILURES = {
     "ValueError": (ValueError("steps must be positive"), 2, "error: steps must be positive"),
-    "OSError": (FileNotFoundError(2, "No such file or directory", "x.png"), 2,
-                "error: [Errno 2] No such file or directory: 'x.png'"),
+    "OSError": (
+        FileNotFoundError(2, "No such file or directory", "x.png"),
+        2,
+        "error: [Errno 2] No such file or directory: 'x.png'",
+    ),
     "ImagenError": (BundleError("manifest.json is missing"), 2, "error: manifest.json is missing"),
-    "unexpected": (RuntimeError("boom\nsecond line"), 1,
-                   "error: unexpected RuntimeError: boom second line (rerun with --debug for the traceback)"),
+    "unexpected": (
+        RuntimeError("boom\nsecond line"),
+        1,
+        "error: unexpected RuntimeError: boom second line (rerun with --debug for the traceback)",
+    ),
     "interrupt": (KeyboardInterrupt(), 130, "interrupted"),
 }
 
@@ -77,7 +87,7 @@ def test_usage_error_is_one_line_exit_2_before_the_command_runs(name, monkeypatc
     main, args, prefix, calls = _command(monkeypatch, name, AssertionError("must not run"))
     result = _invoke(main, [*args, "--colour", "red"])
     assert result.exit_code == 2 and calls == []
-    line, = result.stderr.splitlines()  # click's wording of the message varies between versions
+    (line,) = result.stderr.splitlines()  # click's wording of the message varies between versions
     assert line.startswith(f"{prefix}error: No such option") and "--colour" in line
     assert line.endswith(f" (see {name} --help)")
 
@@ -125,8 +135,9 @@ def test_bad_integer_list_is_a_usage_error(monkeypatch):
     main, args, _, calls = _command(monkeypatch, "imagen-train", AssertionError("must not run"))
     result = _invoke(main, [*args, "--image-sizes", "32,x"])
     assert result.exit_code == 2 and calls == []
-    assert result.stderr == ("imagen-train: error: Invalid value: expected comma-separated integers, got '32,x' "
-                             "(see imagen-train --help)\n")
+    assert result.stderr == (
+        "imagen-train: error: Invalid value: expected comma-separated integers, got '32,x' (see imagen-train --help)\n"
+    )
 
 
 @pytest.mark.parametrize("name", ["imagen-export", "imagen-run", "imagen-eval"])
@@ -145,155 +156,184 @@ def test_sampler_and_backend_choices_are_the_runtimes_lists(name, monkeypatch):
     assert all(f"'{sampler}'" in result.stderr for sampler in SAMPLERS)
 
 
-# The process umask: imported modules must never set it, and atomic writes must honour it.
-
-NO_UMASK_CALLS = """
-import importlib, json, os, sys
-calls, umask = [], os.umask
-def spy(mask):
-    calls.append(mask)
-    return umask(mask)
-os.umask = spy
-for name in sys.argv[1:]:
-    importlib.import_module(name)
-print(json.dumps(calls))
-"""
+# The commands on broken inputs: one line on stderr, non-zero exit, no traceback without --debug, --force
 
 
-def test_importing_never_sets_the_umask():
-    """Setting it, even to read it, changes it for every thread of the host process for a moment."""
-    modules = ["imagen._io", "imagen._cli", "imagen.reference.checkpoint", "imagen.reference.cli",
-               "imagen.runtime.cli", "imagen.shapes.cli"]
-    done = subprocess.run([sys.executable, "-c", NO_UMASK_CALLS, *modules], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout) == []
+def _invoke_unchecked(cli, args):
+    """Like _invoke, without its check: the tests below assert on what escaped themselves."""
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 keeps stderr apart in result.stderr
+    return runner.invoke(cli, [str(a) for a in args])
 
 
-def test_io_and_cli_helpers_import_neither_numpy_nor_torch():
-    """`imagen/` is installed with the runtime; the helpers must load before anything heavy."""
-    script = "import sys, imagen._io, imagen._cli; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]
+def _clis():
+    from imagen.export.cli import main as export_cli
+    from imagen.reference.cli import main as train_cli
+    from imagen.runtime.cli import main as run_cli
+    from imagen.shapes.cli import main as eval_cli
+
+    return {
+        "imagen-train": (train_cli, "imagen-train: error: "),
+        "imagen-export": (export_cli, "imagen-export: error: "),
+        "imagen-run": (run_cli, "error: "),
+        "imagen-eval": (eval_cli, "error: "),
+    }
 
 
-PERMISSIONS = """
-import json, os, sys
-from pathlib import Path
-from imagen._io import atomic_save, atomic_save_folder, atomic_write
-from imagen.runtime.cli import write_png
-from PIL import Image
-os.umask(int(sys.argv[1], 8))  # after the imports: a umask read at import time would be stale
-folder = Path(sys.argv[2])
-atomic_write(folder / "a.json", "{}")
-atomic_save(folder / "b.bin", lambda tmp: tmp.write_bytes(b"x"))
-info = dict(prompt="p", seed=0, sampler="ddim", steps=[1], sr_strength=1.0, guidance_scale=1.0, bundle_sha="0")
-write_png(Image.new("RGB", (2, 2)), folder / "c.png", info, force=False)
-atomic_save_folder(folder / "d", lambda staging: (staging / "e").write_text("e"))
-print(json.dumps({p.name: p.stat().st_mode & 0o777 for p in sorted(folder.rglob("*"))}))
-"""
+@pytest.fixture
+def broken(bundle_fp32, tmp_path):
+    """Broken inputs for each command: a run directory, a bundle, a Unet file, a data folder."""
+    bundle = tmp_path / "broken-bundle"
+    shutil.copytree(bundle_fp32, bundle)
+    onnx = bundle / "unet_1.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10])
+    run = tmp_path / "broken-run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    unet = tmp_path / "unet.json"
+    unet.write_text(json.dumps({"dim": "wide"}))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text("not json\n")
+    return {"bundle": bundle, "run": run, "unet": unet, "data": data}
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_atomic_writes_get_the_usual_permissions(umask, tmp_path):
-    done = subprocess.run([sys.executable, "-c", PERMISSIONS, oct(umask), str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    file, folder = 0o666 & ~umask, 0o777 & ~umask
-    assert json.loads(done.stdout) == {"a.json": file, "b.bin": file, "c.png": file, "d": folder, "e": file}
+CASES = {
+    # command, arguments (T: tmp_path, B: a good bundle, X: broken inputs), words the line must hold
+    "train bad path": ("imagen-train", lambda T, B, X: ["--out", T / "r", "--dataset", T / "nowhere"], "not a folder"),
+    "train bad option": ("imagen-train", lambda T, B, X: ["--out", T / "r", "--batch-size", "0"], "batch_size"),
+    "train bad option type": ("imagen-train", lambda T, B, X: ["--out", T / "r", "--steps", "many"], "--steps"),
+    "train unknown option": ("imagen-train", lambda T, B, X: ["--out", T / "r", "--colour", "red"], "--colour"),
+    "train bad sizes": ("imagen-train", lambda T, B, X: ["--out", T / "r", "--image-sizes", "0,32"], "image_sizes"),
+    "train broken unet file": (
+        "imagen-train",
+        lambda T, B, X: ["--out", T / "r", "--unet", X["unet"], "--unet", X["unet"]],
+        "TypeError",
+    ),
+    "train broken data": ("imagen-train", lambda T, B, X: ["--out", T / "r", "--dataset", X["data"]], "no usable"),
+    "export bad path": ("imagen-export", lambda T, B, X: ["--ckpt", T / "nope", "--out", T / "b"], "not a directory"),
+    "export bad option": ("imagen-export", lambda T, B, X: ["--ckpt", T, "--max-batch", "0"], "--max-batch"),
+    "export broken run": ("imagen-export", lambda T, B, X: ["--ckpt", X["run"], "--out", T / "b"], "config.json"),
+    "run bad path": ("imagen-run", lambda T, B, X: ["a", "--bundle", T / "nope", "-o", T / "a.png"], "does not exist"),
+    "run bad option": (
+        "imagen-run",
+        lambda T, B, X: ["a", "--bundle", B, "-o", T / "a.png", "--guidance", "-1"],
+        "guidance_scale must be",
+    ),
+    "run bad option type": ("imagen-run", lambda T, B, X: ["a", "--bundle", B, "--seed", "x"], "--seed"),
+    "run bad prompt": ("imagen-run", lambda T, B, X: ["bell \x07", "--bundle", B, "-o", T / "a.png"], "control"),
+    "run broken bundle": (
+        "imagen-run",
+        lambda T, B, X: ["a", "--bundle", X["bundle"], "-o", T / "a.png"],
+        "unet_1.onnx",
+    ),
+    "eval bad path": ("imagen-eval", lambda T, B, X: ["--bundle", T / "nope", "--n", "1"], "does not exist"),
+    "eval bad option": ("imagen-eval", lambda T, B, X: ["--bundle", B, "--n", "0"], "--n"),
+    "eval bad sampler": (
+        "imagen-eval",
+        lambda T, B, X: ["--bundle", B, "--n", "1", "--sampler", "euler"],
+        "is not one of",
+    ),
+    "eval broken bundle": ("imagen-eval", lambda T, B, X: ["--bundle", X["bundle"], "--n", "1"], "unet_1.onnx"),
+}
 
 
-# Atomic writes: the previous file or the new one, never a temporary file left behind.
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_failure_is_one_line_without_traceback(case, bundle_fp32, broken, tmp_path):
+    command, make_args, words = CASES[case]
+    cli, prefix = _clis()[command]
+    result = _invoke_unchecked(cli, make_args(tmp_path, bundle_fp32, broken))
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(prefix) and words in lines[0], lines[0]
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "b").exists()
 
 
-def test_atomic_write_writes_text_as_utf8_and_bytes_as_is(tmp_path):
-    atomic_write(tmp_path / "sub" / "a.txt", "température")
-    atomic_write(tmp_path / "b.bin", b"\x00\xff")
-    assert (tmp_path / "sub" / "a.txt").read_bytes() == "température".encode()
-    assert (tmp_path / "b.bin").read_bytes() == b"\x00\xff"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "b.bin", "sub"]
+DEBUG = {  # module, arguments, the exception the traceback ends with
+    "imagen-train": (
+        "imagen.reference.cli",
+        lambda T, X: ["--out", T / "r", "--unet", X["unet"], "--unet", X["unet"]],
+        "TypeError",
+    ),
+    "imagen-export": ("imagen.export.cli", lambda T, X: ["--ckpt", X["run"], "--out", T / "b"], "CheckpointError"),
+    "imagen-run": ("imagen.runtime.cli", lambda T, X: ["a", "--bundle", X["bundle"], "-o", T / "a.png"], "BundleError"),
+    "imagen-eval": ("imagen.shapes.cli", lambda T, X: ["--bundle", X["bundle"], "--n", "1"], "BundleError"),
+}
 
 
-def _half_write(tmp: Path) -> None:
-    tmp.write_bytes(b"half")
-    raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("command", list(DEBUG))
+def test_cli_debug_shows_the_traceback(command, broken, tmp_path):
+    module, make_args, exception = DEBUG[command]
+    args = [str(a) for a in make_args(tmp_path, broken)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run([PYTHON, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert plain.returncode != 0 and len(plain.stderr.splitlines()) == 1, plain.stderr
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run(
+        [PYTHON, "-m", module, *args, "--debug"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and exception in debug.stderr, debug.stderr
 
 
-def _interrupted_write(tmp: Path) -> None:
-    tmp.write_bytes(b"half")
-    raise KeyboardInterrupt
+def test_cli_usage_error_with_debug_keeps_clicks_message():
+    cli, _ = _clis()["imagen-export"]
+    result = _invoke_unchecked(cli, ["--ckpt", "x", "--max-batch", "0", "--debug"])
+    assert result.exit_code == 2 and "Usage:" in result.stderr and "--max-batch" in result.stderr
 
 
-def test_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path):
-    target = tmp_path / "state.json"
-    target.write_text("previous")
-    with pytest.raises(OSError, match="No space left"):
-        atomic_save(target, _half_write)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save(target, _interrupted_write)
-    assert os.listdir(tmp_path) == ["state.json"] and target.read_text() == "previous"
-
-
-def test_failed_rename_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
-    target = tmp_path / "model.safetensors"
-    target.write_bytes(b"previous")
-
-    def refuse(src, dst):
-        raise PermissionError(13, "Permission denied", str(dst))
-
-    monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(PermissionError):
-        atomic_write(target, b"new")
-    assert os.listdir(tmp_path) == ["model.safetensors"] and target.read_bytes() == b"previous"
-
-
-def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
-    target = tmp_path / "latest"
-    payloads = [f"writer {i} ".encode() * 5000 for i in range(8)]
-    errors = []
-
-    def write(payload):
-        try:
-            for _ in range(20):
-                atomic_write(target, payload)
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == [] and not any(t.is_alive() for t in threads)
-    assert target.read_bytes() in payloads and os.listdir(tmp_path) == ["latest"]
-
-
-def test_folder_is_replaced_whole_or_kept(tmp_path):
-    target = tmp_path / "text_encoder"
-    atomic_save_folder(target, lambda staging: (staging / "config.json").write_text("old"))
-    with pytest.raises(OSError):
-        atomic_save_folder(target, lambda staging: _half_write(staging / "config.json"))
-    assert os.listdir(tmp_path) == ["text_encoder"] and os.listdir(target) == ["config.json"]
-    assert (target / "config.json").read_text() == "old"
-    atomic_save_folder(target, lambda staging: (staging / "tokenizer.json").write_text("new"))
-    assert os.listdir(tmp_path) == ["text_encoder"] and os.listdir(target) == ["tokenizer.json"]
-
-
-def test_folder_whose_rename_fails_is_put_back(tmp_path, monkeypatch):
-    target = tmp_path / "text_encoder"
-    target.mkdir()
-    (target / "config.json").write_text("old")
-    real, into_target = os.replace, []
-
-    def refuse_the_new_folder(src, dst):  # the old folder moves aside, the new one cannot move in
-        if Path(dst) == target:
-            into_target.append(src)
-            if len(into_target) == 1:
-                raise PermissionError(13, "Permission denied", str(dst))
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", refuse_the_new_folder)
-    with pytest.raises(PermissionError):
-        atomic_save_folder(target, lambda staging: (staging / "config.json").write_text("new"))
-    assert len(into_target) == 2  # the refused new folder, then the old one put back
-    assert os.listdir(tmp_path) == ["text_encoder"] and (target / "config.json").read_text() == "old"
+def test_cli_never_overwrites_without_force(bundle_fp32, tiny_run, tmp_path):
+    clis = _clis()
+    # imagen-train: a non-empty --out
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = _invoke_unchecked(clis["imagen-train"][0], ["--out", out, "--steps", "1"])
+    assert result.exit_code != 0 and "--force" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    # imagen-export: an existing bundle (or any existing folder)
+    before = {p.name: p.read_bytes() for p in bundle_fp32.iterdir() if p.is_file()}
+    result = _invoke_unchecked(clis["imagen-export"][0], ["--ckpt", tiny_run, "--out", bundle_fp32])
+    assert result.exit_code != 0 and "--force" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in bundle_fp32.iterdir() if p.is_file()} == before
+    # imagen-run: an existing -o file, and an existing file in --out-dir
+    png = tmp_path / "a.png"
+    png.write_bytes(b"mine")
+    result = _invoke_unchecked(clis["imagen-run"][0], ["a", "--bundle", bundle_fp32, "-o", png, "--steps", "1"])
+    assert result.exit_code != 0 and "--force" in result.stderr and png.read_bytes() == b"mine"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "000-a.png").write_bytes(b"mine")
+    result = _invoke_unchecked(
+        clis["imagen-run"][0], ["a", "--bundle", bundle_fp32, "--out-dir", tmp_path / "imgs", "--steps", "1"]
+    )
+    assert result.exit_code != 0 and "--force" in result.stderr
+    assert (tmp_path / "imgs" / "000-a.png").read_bytes() == b"mine"
+    # imagen-eval: an existing --grid
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"mine")
+    args = [
+        "--bundle",
+        bundle_fp32,
+        "--n",
+        "2",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--grid",
+        grid,
+    ]
+    result = _invoke_unchecked(clis["imagen-eval"][0], args)
+    assert result.exit_code != 0 and "--force" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert grid.read_bytes() == b"mine"
+    forced = _invoke_unchecked(clis["imagen-eval"][0], args + ["--force"])
+    assert forced.exit_code == 0, forced.stderr
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_bundle(bundle_fp32).short_sha  # the bundle still verifies

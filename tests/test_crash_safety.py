@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from imagen.reference.checkpoint import latest_checkpoint, load_run
 
 DRIVER = r"""
@@ -36,40 +37,70 @@ sys.argv = [module] + sys.argv[5:]
 importlib.import_module(module).main()
 """
 
-TRAIN_ARGS = ["--image-sizes", "16,32", "--timesteps", "30", "--batch-size", "2", "--steps", "4",
-              "--checkpoint-every", "2", "--val-every", "2", "--max-length", "16", "--sample-every", "0",
-              "--quiet", "--threads", "1"]
+TRAIN_ARGS = [
+    "--image-sizes",
+    "16,32",
+    "--timesteps",
+    "30",
+    "--batch-size",
+    "2",
+    "--steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--val-every",
+    "2",
+    "--max-length",
+    "16",
+    "--sample-every",
+    "0",
+    "--quiet",
+    "--threads",
+    "1",
+]
 
 
 def _run(args: list[str], kill: tuple[str, int, str] | None = None, module: str = "imagen.reference.cli"):
     target, n, when = kill or ("^$", 0, "never")
-    return subprocess.run([sys.executable, "-c", DRIVER, target, str(n), when, module, *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, target, str(n), when, module, *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def _assert_checkpoint_complete_or_none(run: Path):
     folder = latest_checkpoint(run)
     if folder is None:
         return None
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
-                                                  "state.json"}
+    assert {p.name for p in folder.iterdir()} == {
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    }
     loaded = load_run(run)  # every tensor reads back
     return json.loads((folder / "state.json").read_text())["step"], loaded
 
 
-@pytest.mark.parametrize("kill", [
-    (r"checkpoints/step_", 1, "before"),  # first checkpoint complete in staging, not yet renamed
-    (r"checkpoints/latest$", 1, "before"),  # renamed, pointer not yet moved
-    (r"checkpoints/step_", 2, "before"),  # second checkpoint staged; the first is latest
-    (r"checkpoints/latest$", 2, "after"),  # pointer moved, old checkpoint not yet pruned
-])
+@pytest.mark.parametrize(
+    "kill",
+    [
+        (r"checkpoints/step_", 1, "before"),  # first checkpoint complete in staging, not yet renamed
+        (r"checkpoints/latest$", 1, "before"),  # renamed, pointer not yet moved
+        (r"checkpoints/step_", 2, "before"),  # second checkpoint staged; the first is latest
+        (r"checkpoints/latest$", 2, "after"),  # pointer moved, old checkpoint not yet pruned
+    ],
+)
 def test_training_killed_keeps_a_complete_checkpoint_and_resumes(tmp_path, kill):
     run = tmp_path / "run"
     killed = _run(["--out", str(run), *TRAIN_ARGS], kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-1000:]
     state = _assert_checkpoint_complete_or_none(run)
-    expected_step = {(r"checkpoints/step_", 1): None, (r"checkpoints/latest$", 1): None,
-                     (r"checkpoints/step_", 2): 2, (r"checkpoints/latest$", 2): 4}[kill[:2]]
+    expected_step = {
+        (r"checkpoints/step_", 1): None,
+        (r"checkpoints/latest$", 1): None,
+        (r"checkpoints/step_", 2): 2,
+        (r"checkpoints/latest$", 2): 4,
+    }[kill[:2]]
     assert (state[0] if state else None) == expected_step
     resumed = _run(["--out", str(run), *TRAIN_ARGS, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]

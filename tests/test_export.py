@@ -10,12 +10,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+
 from imagen.export import bundle as bundle_module
 from imagen.export.bundle import export_bundle
 from imagen.export.cli import main as export_cli
 from imagen.export.onnx_export import ExportError
-from imagen.runtime.contract import TensorSpec, unet_signature
 from imagen.export.tensorrt import TensorRTUnavailable, tensorrt_target
+from imagen.runtime.contract import TensorSpec, unet_signature
+
+from runs import tiny_t5_folder, write_minimagen_directory
 
 SCHEMA = Path(__file__).parent.parent / "docs" / "manifest.schema.json"
 
@@ -84,14 +87,27 @@ def test_every_stage_checks_and_runs_at_batch_1_2_5(name, request):
 def test_signature_is_declared_once():
     """The Unet's inputs (names with their dtypes) are written in one source file: the contract."""
     root = Path(__file__).resolve().parents[1]
-    sources = [p for folder in ("reference", "export", "runtime", "shapes", "bench", "imagen") for p in
-               (root / folder).rglob("*.py")]
-    declaring = [p.relative_to(root).as_posix() for p in sources
-                 if re.search(r"[\"']lowres_noise_times[\"'],\s*[\"']float32[\"']", p.read_text())]
+    sources = [
+        p
+        for folder in ("reference", "export", "runtime", "shapes", "bench", "imagen")
+        for p in (root / folder).rglob("*.py")
+    ]
+    declaring = [
+        p.relative_to(root).as_posix()
+        for p in sources
+        if re.search(r"[\"']lowres_noise_times[\"'],\s*[\"']float32[\"']", p.read_text())
+    ]
     assert declaring == ["runtime/contract/signatures.py"]
     signature = unet_signature(1, 32, 24, 128, True, max_batch=4)
-    assert signature.input_names == ["x", "time", "text_embeds", "text_mask", "text_keep", "lowres_cond_img",
-                                     "lowres_noise_times"]
+    assert signature.input_names == [
+        "x",
+        "time",
+        "text_embeds",
+        "text_mask",
+        "text_keep",
+        "lowres_cond_img",
+        "lowres_noise_times",
+    ]
     assert signature.profile()["x"] == ((1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32))
     assert signature.to_json()["batch"] == {"min": 1, "opt": 2, "max": 8}
     assert TensorSpec("x", "float32", ("batch", 3)).concrete(5) == (5, 3)
@@ -171,8 +187,6 @@ def test_tensorrt_missing_is_said_plainly_and_onnx_bundle_is_complete(tiny_run, 
 
 
 def test_minimagen_directory_exports(tmp_path):
-    from test_train import tiny_t5_folder, write_minimagen_directory
-
     t5 = tiny_t5_folder(tmp_path)
     write_minimagen_directory(tmp_path / "training", t5)
     result = CliRunner().invoke(export_cli, ["--ckpt", str(tmp_path / "training"), "--out", str(tmp_path / "b")])

@@ -25,8 +25,7 @@ def test_readme_three_commands_run_as_written(tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     for command in commands:
-        done = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
     assert (tmp_path / "square.png").stat().st_size > 0
 
@@ -40,14 +39,22 @@ def test_readme_embedding_example_runs(tmp_path, bundle_fp32):
     assert (tmp_path / "circle.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "runtime" / "demo" / "manifest.json").is_file(),
-                    reason="the demo bundle is not in this checkout")
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / "runtime" / "demo" / "manifest.json").is_file(),
+    reason="the demo bundle is not in this checkout",
+)
 def test_readme_setup_command_makes_an_image_with_the_demo_bundle(tmp_path):
     line = _block_after("## Set up")[0]
     run = line.split("&&")[-1].strip()
     assert run.startswith("imagen-run ")
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run(shlex.split(run), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
+    done = subprocess.run(
+        shlex.split(run),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "circle.png").stat().st_size > 0

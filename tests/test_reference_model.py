@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from imagen.reference.diffusion import GaussianDiffusion, make_betas
 from imagen.reference.guidance import GuidedDenoiser, apply_guidance, dynamic_threshold
 from imagen.reference.imagen import Imagen, ImagenConfig, make_noise_source
@@ -56,8 +57,7 @@ def test_q_posterior_matches_ddpm_equations():
     for row, ti in enumerate(t.tolist()):
         coef1 = np.sqrt(ac_prev[ti]) * betas[ti] / (1 - ac[ti])
         coef2 = np.sqrt(1 - betas[ti]) * (1 - ac_prev[ti]) / (1 - ac[ti])
-        np.testing.assert_allclose(mean[row].numpy(), coef1 * x0[row].numpy() + coef2 * xt[row].numpy(),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(mean[row].numpy(), coef1 * x0[row].numpy() + coef2 * xt[row].numpy(), rtol=1e-12)
         beta_tilde = (1 - ac_prev[ti]) / (1 - ac[ti]) * betas[ti]
         assert var[row].item() == pytest.approx(beta_tilde, rel=1e-12)
         assert log_var[row].item() == pytest.approx(math.log(max(beta_tilde, 1e-20)), rel=1e-12)
@@ -85,8 +85,14 @@ def test_dynamic_threshold_keeps_x0_in_range_and_matches_definition():
 
 
 def small_unet(lowres=False, **kw):
-    config = preset_config("BaseTest", text_embed_dim=TEXT_DIM, max_text_len=TEXT_LEN, lowres_cond=lowres,
-                           layer_cross_attns=(False, True), **kw)
+    config = preset_config(
+        "BaseTest",
+        text_embed_dim=TEXT_DIM,
+        max_text_len=TEXT_LEN,
+        lowres_cond=lowres,
+        layer_cross_attns=(False, True),
+        **kw,
+    )
     torch.manual_seed(0)
     return Unet(config).eval()
 
@@ -142,9 +148,16 @@ def test_guidance_scale_one_equals_conditional_prediction():
     with torch.no_grad():
         cond = unet(x, text_keep=torch.ones(3, dtype=torch.bool), **inputs)
         uncond = unet(x, text_keep=torch.zeros(3, dtype=torch.bool), **inputs)
+
     def guided_noise(scale):
-        denoiser = GuidedDenoiser(unet, imagen.noise_schedulers[0], inputs["text_embeds"], inputs["text_mask"],
-                                  guidance_scale=scale, percentile=0.9)
+        denoiser = GuidedDenoiser(
+            unet,
+            imagen.noise_schedulers[0],
+            inputs["text_embeds"],
+            inputs["text_mask"],
+            guidance_scale=scale,
+            percentile=0.9,
+        )
         return denoiser.predict_noise(x, 5)
 
     guided = guided_noise(3.0)
@@ -152,8 +165,12 @@ def test_guidance_scale_one_equals_conditional_prediction():
     # amplifies; a wrong combination would be off by O(1).
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
     unguided = guided_noise(1.0)
-    torch.testing.assert_close(unguided, unet(x, torch.full((3,), 5.0), text_embeds=inputs["text_embeds"],
-                                              text_mask=inputs["text_mask"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        unguided,
+        unet(x, torch.full((3,), 5.0), text_embeds=inputs["text_embeds"], text_mask=inputs["text_mask"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -177,7 +194,8 @@ def test_every_preset_builds_with_its_own_numbers(name):
 @pytest.mark.parametrize("name,lowres", [("BaseTest", False), ("SuperTest", True)])
 def test_test_presets_shapes(name, lowres):
     unet = cls_unet = {"BaseTest": BaseTest, "SuperTest": SuperTest}[name](
-        text_embed_dim=TEXT_DIM, max_text_len=TEXT_LEN, lowres_cond=lowres)
+        text_embed_dim=TEXT_DIM, max_text_len=TEXT_LEN, lowres_cond=lowres
+    )
     inputs = unet_inputs(batch=2, size=16, lowres=lowres)
     with torch.no_grad():
         out = cls_unet(inputs.pop("x"), **inputs)
@@ -189,8 +207,11 @@ def test_test_presets_shapes(name, lowres):
 def test_unet_overfits_one_small_batch():
     """Loss on one fixed batch (fixed t and noise) falls by 10x or more."""
     torch.manual_seed(0)
-    imagen = Imagen([preset_config("BaseTest", dim=16, max_text_len=TEXT_LEN)],
-                    ImagenConfig(image_sizes=(16,), timesteps=100), TEXT_DIM)
+    imagen = Imagen(
+        [preset_config("BaseTest", dim=16, max_text_len=TEXT_LEN)],
+        ImagenConfig(image_sizes=(16,), timesteps=100),
+        TEXT_DIM,
+    )
     unet, schedule = imagen.unets[0], imagen.noise_schedulers[0]
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1
@@ -215,8 +236,7 @@ def test_unet_overfits_one_small_batch():
 def test_sampling_with_injected_noise_is_reproducible_and_in_range():
     torch.manual_seed(0)
     unets = [preset_config("BaseTest", max_text_len=TEXT_LEN), preset_config("SuperTest", max_text_len=TEXT_LEN)]
-    imagen = Imagen(unets,
-                    ImagenConfig(image_sizes=(8, 16), timesteps=25), TEXT_DIM)
+    imagen = Imagen(unets, ImagenConfig(image_sizes=(8, 16), timesteps=25), TEXT_DIM)
     text = torch.randn(2, TEXT_LEN, TEXT_DIM)
     mask = torch.ones(2, TEXT_LEN, dtype=torch.bool)
     a = imagen.sample(text, mask, noise=np.random.default_rng(3))

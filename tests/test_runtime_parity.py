@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from imagen.runtime import Pipeline
 from imagen.runtime.samplers import spaced_timesteps
 
@@ -26,6 +27,7 @@ def rel(a, b) -> float:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """The reference's uint8 conversion of its (N, C, s, s) images in [0, 1]."""
     import torch
+
     from imagen.reference.images import to_uint8 as reference_to_uint8
 
     return reference_to_uint8(torch.from_numpy(images)).numpy()
@@ -39,6 +41,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def reference(tiny_run, bundle_fp32):
     import torch
+
     from imagen.reference.checkpoint import load_run
 
     torch.set_num_threads(2)
@@ -62,9 +65,7 @@ def reference_sample(run, prompts, seed, **kwargs):
 
 def runtime_sample(pipe, prompts, seed, **kwargs):
     steps_seen = []
-    result = pipe(
-        prompts, seed=seed, callback=lambda u, i, t, x: steps_seen.append((u, i, t, x.copy())), **kwargs
-    )
+    result = pipe(prompts, seed=seed, callback=lambda u, i, t, x: steps_seen.append((u, i, t, x.copy())), **kwargs)
     return result, steps_seen
 
 
@@ -80,9 +81,7 @@ def compare_steps(ours, theirs, tolerance, label):
         assert (u, i, t) == (v, j, s), label
         error = rel(x, y)
         worst = max(worst, error)
-        assert error <= tolerance, (
-            f"{label}: unet {u} step {i} (t={t}) relative error {error:.2e} > {tolerance:.0e}"
-        )
+        assert error <= tolerance, f"{label}: unet {u} step {i} (t={t}) relative error {error:.2e} > {tolerance:.0e}"
     return worst
 
 
@@ -124,10 +123,7 @@ def test_each_sampler_every_step_fp32(sampler, steps, eta, reference, pipe_fp32)
     assert len(ours) == 2 * steps
     worst = compare_steps(ours, ref_steps, 1e-4, f"{sampler} eta={eta}")
     value = psnr(result.array, to_uint8(images))
-    print(
-        f"\n{sampler} steps={steps} eta={eta}: worst per-step rel error {worst:.2e}, "
-        f"final PSNR {value:.1f} dB"
-    )
+    print(f"\n{sampler} steps={steps} eta={eta}: worst per-step rel error {worst:.2e}, final PSNR {value:.1f} dB")
     assert value >= 45.0
 
 
@@ -142,8 +138,10 @@ def test_sr_strength_every_step_fp32(sampler, steps, sr_strength, reference, pip
     assert [t for u, _, t, _ in ours if u == 1] == spaced_timesteps(pipe_fp32.bundle.timesteps[1], steps)[-kept:]
     worst = compare_steps(ours, ref_steps, 1e-4, f"{sampler} sr_strength={sr_strength}")
     value = psnr(result.array, to_uint8(images))
-    print(f"\n{sampler} steps={steps} sr_strength={sr_strength}: worst per-step rel error {worst:.2e}, "
-          f"final PSNR {value:.1f} dB")
+    print(
+        f"\n{sampler} steps={steps} sr_strength={sr_strength}: worst per-step rel error {worst:.2e}, "
+        f"final PSNR {value:.1f} dB"
+    )
     assert value >= 45.0
     assert result.info[0]["sr_strength"] == sr_strength
 

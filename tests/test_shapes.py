@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
+
 from imagen.shapes import ATTRIBUTES, HELDOUT_PAIRS, ShapesDataset, analyse, captions, render, score
 from imagen.shapes.cli import main as eval_main
 from imagen.shapes.evaluate import evaluate, make_grid
 from imagen.shapes.scenes import BACKGROUND, scene_from_caption
-from PIL import Image
 
 
 @pytest.mark.parametrize("image_size, n", [(64, 400), (32, 300)])
@@ -65,8 +66,9 @@ class _RenderingPipeline:
 
     def __call__(self, prompts, **kwargs):
         self.calls.append((len(prompts), kwargs["seed"]))
-        images = [Image.new("RGB", (64, 64), BACKGROUND) if self.blank else render(scene_from_caption(p), 64)
-                  for p in prompts]
+        images = [
+            Image.new("RGB", (64, 64), BACKGROUND) if self.blank else render(scene_from_caption(p), 64) for p in prompts
+        ]
         return SimpleNamespace(images=images)
 
 
@@ -89,8 +91,9 @@ def test_imagen_eval_cli_on_a_bundle(bundle_fp32, tmp_path):
     report = json.loads(result.output)
     assert report["n"] == 3 and set(report["accuracy"]) == {*ATTRIBUTES, "exact"}
     assert report["settings"] == {"sampler": "ddpm", "steps": [2, 2], "guidance_scale": 5.0, "sr_strength": 1.0}
-    strength = CliRunner().invoke(eval_main, ["--bundle", str(bundle_fp32), "--n", "1", "--steps", "2", "--json",
-                                              "--sr-strength", "0.5"])
+    strength = CliRunner().invoke(
+        eval_main, ["--bundle", str(bundle_fp32), "--n", "1", "--steps", "2", "--json", "--sr-strength", "0.5"]
+    )
     assert strength.exit_code == 0, strength.output
     assert json.loads(strength.output)["settings"]["sr_strength"] == 0.5
     assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values()) and report["images_per_second"] > 0

@@ -1,26 +1,36 @@
-"""imagen-train: the run directory, loading it back, resume, data sets, MinImagen directories."""
+"""imagen-train: the run directory, loading it back, resume, data sets, the text encoder, MinImagen
+directories; and no pickles: `.pth` files are read with weights_only, nothing written is a pickle."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY
+from safetensors.torch import load_file
+
 from imagen.reference.checkpoint import CheckpointError, load_minimagen_run, load_run
 from imagen.reference.cli import main as train_cli
 from imagen.reference.data import DataError, FolderData
-from imagen.reference.text_encoder import ByteTokenizer, TextEncoder
+from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.train import TrainConfig, train
-from safetensors.torch import load_file
+
+from runs import TINY, tiny_t5_folder, write_minimagen_directory
 
 
 def test_run_directory_is_complete(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["format"] == "imagen-run" and len(config["unets"]) == 2
     assert config["unets"][1]["lowres_cond"] is True
-    for name in ("config.json", "best.safetensors", "log.jsonl", "text_encoder/model.safetensors",
-                 "text_encoder/tokenizer.json", "checkpoints/latest"):
+    for name in (
+        "config.json",
+        "best.safetensors",
+        "log.jsonl",
+        "text_encoder/model.safetensors",
+        "text_encoder/imagen_tokenizer.json",
+        "checkpoints/latest",
+    ):
         assert (tiny_run / name).is_file(), name
     latest = tiny_run / "checkpoints" / (tiny_run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_0000006"
@@ -86,9 +96,13 @@ def test_folder_data_skips_and_counts_bad_rows(tmp_path):
 
     Image.new("RGB", (20, 12), (255, 0, 0)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    rows = [{"file": "ok.png", "caption": "a red square"}, {"file": "missing.png", "caption": "gone"},
-            {"file": "ok.png", "caption": "  "}, {"file": "broken.png", "caption": "broken"},
-            {"file": "../outside.png", "caption": "escape"}]
+    rows = [
+        {"file": "ok.png", "caption": "a red square"},
+        {"file": "missing.png", "caption": "gone"},
+        {"file": "ok.png", "caption": "  "},
+        {"file": "broken.png", "caption": "broken"},
+        {"file": "../outside.png", "caption": "escape"},
+    ]
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     data = FolderData(tmp_path, 16)
     assert len(data) == 2
@@ -102,20 +116,6 @@ def test_folder_data_skips_and_counts_bad_rows(tmp_path):
         FolderData(tmp_path, 16)
 
 
-def test_byte_tokenizer_follows_byt5():
-    from transformers import ByT5Tokenizer
-
-    ours = ByteTokenizer(12)
-    theirs = ByT5Tokenizer()
-    prompts = ["a red circle", "héllo wörld ✓", "x" * 30, ""]
-    ids, mask, truncated = ours(prompts)
-    assert truncated == [True, True, True, False]
-    for row, prompt in enumerate(prompts):
-        expected = theirs(prompt, max_length=12, truncation=True, padding="max_length")
-        assert ids[row].tolist() == expected["input_ids"], prompt
-        assert mask[row].tolist() == expected["attention_mask"], prompt
-
-
 def test_text_encoder_zeroes_masked_positions_and_round_trips(tmp_path):
     encoder = TextEncoder.tiny(seed=3, max_length=16)
     embeds, mask = encoder.encode(["a", "a much longer prompt"])
@@ -127,52 +127,6 @@ def test_text_encoder_zeroes_masked_positions_and_round_trips(tmp_path):
     assert torch.equal(loaded.encode(["a", "a much longer prompt"])[0], embeds)
     with pytest.raises(ValueError, match="config.json"):
         TextEncoder.from_folder(tmp_path)
-
-
-def write_minimagen_directory(root, t5_folder):
-    """A training directory in MinImagen's layout, with state dicts whose names and shapes are
-    those of MinImagen's own modules (tests/data, recorded from its Unet)."""
-    from pathlib import Path
-
-    keys = json.loads((Path(__file__).parent / "data" / "minimagen_state_dict_keys.json").read_text())
-    params = root / "parameters"
-    params.mkdir(parents=True)
-    (root / "state_dicts").mkdir()
-    (root / "tmp").mkdir()
-    stamp = "20220816_165729"
-    (params / f"imagen_params_{stamp}.json").write_text(json.dumps({
-        "text_embed_dim": None, "channels": 3, "timesteps": 25, "cond_drop_prob": 0.15, "loss_type": "l2",
-        "lowres_sample_noise_level": 0.2, "auto_normalize_img": True, "dynamic_thresholding_percentile": 0.9,
-        "only_train_unet_number": None, "image_sizes": [16, 32], "text_encoder_name": "t5_small"}))
-    generator = torch.Generator().manual_seed(0)
-    for index, case in enumerate(("base_attn", "super_me")):
-        config = {k: v for k, v in keys[case]["config"].items()}
-        config.update(channels=3, channels_out=None, cond_dim=None, lowres_cond=False)
-        (params / f"unet_{index}_params_{stamp}.json").write_text(json.dumps(config))
-        state = {k: torch.randn(shape, generator=generator) * 0.05 for k, shape in keys[case]["state_dict"].items()}
-        # MinImagen keeps a best state dict per Unet, or only a tmp one before the first validation.
-        target = root / "state_dicts" / f"unet_{index}_state_{stamp}_0.5.pth" if index == 0 \
-            else root / "tmp" / f"unet_{index}_tmp.pth"
-        torch.save(state, target)
-
-
-def tiny_t5_folder(path, embed_dim=32):
-    import sentencepiece as spm
-
-    text = path / "corpus.txt"
-    text.write_text("\n".join(f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in
-                              ("circle", "square") for p in ("left", "right")) * 5)
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "spiece"), vocab_size=24,
-                                   hard_vocab_limit=False,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   minloglevel=2)
-    from imagen.reference.text_encoder import tiny_t5_config
-    from transformers import T5EncoderModel
-
-    folder = path / "t5"
-    T5EncoderModel(tiny_t5_config(vocab_size=24, d_model=embed_dim)).save_pretrained(folder)
-    (path / "spiece.model").rename(folder / "spiece.model")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +159,28 @@ def test_pickled_pth_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"weight": datetime.date(2020, 1, 1)}))  # needs pickle's globals
     with pytest.raises(CheckpointError, match="weights_only"):
         read_pth(path)
+
+
+# Nothing the project writes (runs, bundles) is pickled
+
+PICKLE_SUFFIXES = {".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".npy", ".npz"}
+
+
+def _pickled(path: Path) -> bool:
+    head = path.read_bytes()[:2]
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode, protocols 2-5
+
+
+def test_nothing_written_is_pickled(tiny_run, bundle_fp32, bundle_fp16):
+    files = [p for root in (tiny_run, bundle_fp32, bundle_fp16) for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.suffix == ".onnx" for p in files)
+    assert [p for p in files if p.suffix in PICKLE_SUFFIXES] == []
+    assert [p for p in files if _pickled(p)] == []
+
+
+def test_pickle_detector_sees_pickles(tmp_path):
+    import pickle
+
+    for protocol in range(2, 6):
+        (tmp_path / f"p{protocol}").write_bytes(pickle.dumps({"a": 1}, protocol=protocol))
+        assert _pickled(tmp_path / f"p{protocol}")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
+
 from imagen.reference import guidance as reference_guidance
 from imagen.reference import images as reference_images
 from imagen.reference import samplers as reference_samplers

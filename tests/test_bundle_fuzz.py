@@ -14,23 +14,50 @@ import shutil
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+
 from imagen.runtime import BundleError, ImagenError, load_bundle
 from imagen.runtime.tokenizer import Tokenizer
 
-FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
-NASTY_STRINGS = st.sampled_from([
-    "", "..", "../manifest.json", "a/../../x.onnx", "/etc/passwd", "C:\\x.onnx", "\\\\server\\x", "x\x00y",
-    "unet_0.onnx", "text_encoder.onnx", "tokenizer", ".", "batch", "float32", "int64", "bool", "ü" * 300,
-    "byte", "sentencepiece", "imagen-bundle", "a" * 5000,
-])
-NUMBERS = st.one_of(st.integers(min_value=-(10**30), max_value=10**30), st.sampled_from([0, 1, -1, 2**63, 10**400]),
-                    st.floats(allow_nan=True, allow_infinity=True))
+NASTY_STRINGS = st.sampled_from(
+    [
+        "",
+        "..",
+        "../manifest.json",
+        "a/../../x.onnx",
+        "/etc/passwd",
+        "C:\\x.onnx",
+        "\\\\server\\x",
+        "x\x00y",
+        "unet_0.onnx",
+        "text_encoder.onnx",
+        "tokenizer",
+        ".",
+        "batch",
+        "float32",
+        "int64",
+        "bool",
+        "ü" * 300,
+        "byte",
+        "sentencepiece",
+        "imagen-bundle",
+        "a" * 5000,
+    ]
+)
+NUMBERS = st.one_of(
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.sampled_from([0, 1, -1, 2**63, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
 LEAVES = st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=12), NASTY_STRINGS)
-VALUES = st.recursive(LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                     st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-                      max_leaves=12)
+VALUES = st.recursive(
+    LEAVES,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 @pytest.fixture(scope="module")
