@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .timing import interleaved
-from .workload import bundle_source, generate, load_pipeline, prompts_for, resolve_settings, warm
+from .workload import bundle_source, generate, load_pipeline, prompts_for, resolve_settings, same_run, warm
 
 TARGET_SPEEDUP = 2.0
 
@@ -44,13 +44,14 @@ def reference_vs_runtime(
     if run_dir is None or not Path(run_dir).is_dir():
         return _skipped(run_dir)
     import torch
+
     from imagen.reference.checkpoint import load_run
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(bundle, threads)
     batch = min(batch, pipe.bundle.max_batch)
     settings = resolve_settings(pipe, sampler=sampler, steps=steps, seed=seed)
-    checkpoint, weights = bundle_source(pipe.bundle)
+    exported_from, weights = bundle_source(pipe.bundle)
     weights = weights or "latest"
     run = load_run(run_dir, weights)
     prompts = prompts_for(batch)
@@ -69,8 +70,9 @@ def reference_vs_runtime(
     return {
         "config": {
             "run": str(run_dir),
-            "bundle_source": checkpoint,
-            "same_run": checkpoint is None or Path(checkpoint).resolve() == Path(run_dir).resolve(),
+            "bundle_source": exported_from,
+            # the config hash when the manifest records one; None when it records no source at all
+            "same_run": same_run(pipe.bundle.manifest.source, run_dir),
             "weights": weights,
             "sampler": settings.sampler,
             "steps": list(settings.steps),

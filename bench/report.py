@@ -77,7 +77,13 @@ def _reference_vs_runtime(r: dict) -> list[str]:
         f"({r['uint8_fraction_over_1']:.3%} of values by more than 1).",
         "",
     ]
-    if not c["same_run"]:
+    if c["same_run"] is None:
+        lines += [
+            f"Note: the bundle records no source to compare with `{c['run']}`; if their weights differ, so do "
+            "the images (the timings still compare).",
+            "",
+        ]
+    elif not c["same_run"]:
         lines += [
             f"Note: the bundle was exported from `{c['bundle_source']}`, not `{c['run']}`; if their "
             "weights differ, so do the images (the timings still compare).",

@@ -4,6 +4,8 @@ itself, load_bundle)."""
 
 from pathlib import Path
 
+from imagen.runtime.contract import run_config_sha256
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "a small red circle on the left",
@@ -61,22 +63,42 @@ def unet_stages(bundle) -> list[tuple[str, object]]:
 
 
 def bundle_source(bundle) -> tuple[str | None, str | None]:
-    """The run directory and weights a loaded bundle was exported from, as its manifest records them."""
+    """The run a loaded bundle was exported from, as its manifest names it (the recorded path, else the
+    run's folder name), and the weights taken."""
     source = bundle.manifest.source
     if source is None:
         return None, None
-    return source.checkpoint, source.weights
+    return source.checkpoint or source.name, source.weights
+
+
+def same_run(source, run_dir) -> bool | None:
+    """Whether `run_dir` is the run a manifest's `source` names: same config hash when one is recorded,
+    else the same recorded path; None when the manifest records neither. A config hash tells the
+    configuration, not which of the run's checkpoints was exported (`source.weights` says that)."""
+    if source is not None and source.config_sha256:
+        try:
+            return run_config_sha256(run_dir) == source.config_sha256
+        except OSError:
+            return False
+    if source is not None and source.checkpoint:
+        return Path(source.checkpoint).resolve() == Path(run_dir).resolve()
+    return None
 
 
 def default_run_dir(bundle_dir: Path) -> Path | None:
-    """The run a bundle came from: runs/demo here or in the repository, else the manifest's source."""
-    candidates = [Path("runs/demo"), REPO / "runs" / "demo", REPO.parent / "runs" / "demo"]
-    found = next((c for c in candidates if (c / "config.json").is_file()), None)
-    if found is not None:
-        return found
-    from imagen.runtime.bundle import load_bundle
+    """The run a bundle came from: among runs/<source name> and runs/demo (here, in the repository or
+    beside it) and the recorded path, the first whose config hash is the manifest's; else the first
+    of those that exists (the report then says the runs differ)."""
+    from imagen.runtime.bundle import read_manifest
+    from imagen.runtime.errors import BundleError
 
-    checkpoint, _ = bundle_source(load_bundle(bundle_dir))
-    if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        return Path(checkpoint)
-    return None
+    try:
+        source = read_manifest(bundle_dir)[2].source
+    except BundleError:
+        source = None
+    names = [source.name] if source is not None and source.name else []
+    candidates = [base / "runs" / name for name in [*names, "demo"] for base in (Path("."), REPO, REPO.parent)]
+    if source is not None and source.checkpoint:
+        candidates.insert(0, Path(source.checkpoint))
+    runs = [c for c in dict.fromkeys(candidates) if (c / "config.json").is_file()]
+    return next((c for c in runs if same_run(source, c)), runs[0] if runs else None)

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
+import imagen
 from imagen.reference.checkpoint import Run, load_minimagen_run, load_run
 from imagen.reference.text_encoder import SentencePieceTokenizer, TextEncoder
 from imagen.runtime.contract import (
@@ -29,15 +32,14 @@ from imagen.runtime.contract import (
     TokenizerEntry,
     sha256_file,
     text_encoder_signature,
+    run_config_sha256,
     unet_name,
     unet_signature,
 )
 from imagen.runtime.settings import check_sampler, check_sr_strength
-from torch import nn
-
-import imagen
 
 from .onnx_export import (
+    EXTERNAL_DATA_THRESHOLD,
     ExportError,
     TextEncoderStage,
     UnetStage,
@@ -47,7 +49,7 @@ from .onnx_export import (
     export_stage,
     measure_parity,
 )
-from .tensorrt import TensorRTUnavailable, build_engine, engine_dir_name, tensorrt_target
+from .tensorrt import build_engines
 
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 PARITY_BATCH_SIZES = (1, 3)
@@ -128,11 +130,16 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
                   weights: str = "latest", max_batch: int = 8, opset: int = 18,
                   text_encoder: str | Path | None = None, force: bool = False, sampler: str = "ddpm",
                   steps: int | None = None, sr_strength: float = 1.0,
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, record_source_path: bool = False,
+                  tensorrt_version_compatible: bool = False,
                   report: Callable[[str], None] | None = None) -> Manifest:
     """Exports every stage, measures parity, optionally builds TensorRT engines; returns the manifest.
 
     `sampler`, `steps` and `sr_strength` become the bundle's defaults (steps None: every trained
-    timestep; sr_strength 1: super-resolution from pure noise)."""
+    timestep; sr_strength 1: super-resolution from pure noise). A stage whose weights exceed
+    `external_data_threshold` bytes keeps them in external data files (0: every stage).
+    The manifest names the run and hashes its config; `record_source_path` adds the run's full path.
+    `tensorrt_version_compatible` builds engines that later TensorRT versions and the lean runtime load."""
     say = report or (lambda message: None)
     out = Path(out)
     check_sampler(sampler)
@@ -141,6 +148,9 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
     if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
         raise ValueError(f"max_batch must be an integer in [1, 1024], got {max_batch!r}")
+    if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int) \
+            or external_data_threshold < 0:
+        raise ValueError(f"external_data_threshold must be a non-negative integer, got {external_data_threshold!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _recover(out)
     if out.exists() and not force:
@@ -155,17 +165,17 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
     try:
         tokenizer = _write_tokenizer(run, staging)
         stages = _stages(run, max_batch)
-        entries = _write_stages(stages, staging, fp16, opset, force, say)
+        entries = _write_stages(stages, staging, fp16, opset, force, external_data_threshold, say)
         config = run.imagen.config
         defaults = Defaults(config.guidance_scale, config.dynamic_thresholding_percentile,
                             config.lowres_sample_noise_level, sampler=sampler, steps=steps,
                             sr_strength=float(sr_strength))
-        engines = _build_engines(stages, entries, staging, fp16, say) if tensorrt else None
+        engines = _build_engines(stages, entries, staging, say, tensorrt_version_compatible) if tensorrt else None
         manifest = Manifest(
             channels=config.channels, image_sizes=tuple(run.imagen.image_sizes),
             max_length=run.text_encoder.max_length, embed_dim=run.text_encoder.embed_dim, tokenizer=tokenizer,
             schedules=_schedules(run), defaults=defaults, stages=entries, tensorrt=engines, producer=_versions(),
-            source=Source(checkpoint=str(run.path), weights=run.weights))
+            source=run_source(run.path, run.weights, record_source_path))
         (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
         _publish(staging, out)
     except BaseException:
@@ -173,6 +183,14 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
         raise
     say(f"bundle written to {out}")
     return manifest
+
+
+def run_source(run_dir: Path, weights: str, record_path: bool = False) -> Source:
+    """The manifest's `source`: the run's folder name, config hash and weights; its absolute path
+    (which names the exporting machine's folders) only when asked."""
+    run_dir = Path(run_dir).resolve()
+    return Source(name=run_dir.name, config_sha256=run_config_sha256(run_dir),
+                  checkpoint=str(run_dir) if record_path else None, weights=weights)
 
 
 def _stages(run: Run, max_batch: int) -> list[Stage]:
@@ -198,7 +216,7 @@ def _write_tokenizer(run: Run, staging: Path) -> TokenizerEntry:
         shutil.copyfile(tokenizer.model_file, staging / "tokenizer" / "spiece.model")
         files["spiece.model"] = file_entry(staging, staging / "tokenizer" / "spiece.model")
     return TokenizerEntry(tokenizer.kind, tokenizer.pad_id, tokenizer.eos_id, tokenizer.offset, tokenizer.max_length,
-                          files)
+                          files, extra_ids=tokenizer.extra_ids)
 
 
 def _schedules(run: Run) -> dict[str, ScheduleEntry]:
@@ -208,11 +226,11 @@ def _schedules(run: Run) -> dict[str, ScheduleEntry]:
             for name, s in schedules.items()}
 
 
-def _write_stages(stages: list[Stage], staging: Path, fp16: bool, opset: int, force: bool,
+def _write_stages(stages: list[Stage], staging: Path, fp16: bool, opset: int, force: bool, threshold: int,
                   say) -> dict[str, StageEntry]:
     entries, failures = {}, []
     for stage in stages:
-        entries[stage.name] = entry = _write_stage(stage, staging, fp16, opset, force, say)
+        entries[stage.name] = entry = _write_stage(stage, staging, fp16, opset, force, threshold, say)
         if not entry.parity.passed:
             failures.append(f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
                             f"{entry.parity.tolerance:.0e}")
@@ -222,8 +240,10 @@ def _write_stages(stages: list[Stage], staging: Path, fp16: bool, opset: int, fo
     return entries
 
 
-def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: bool, say) -> StageEntry:
-    """Exports one stage (FP16 Unets go through an FP32 file), checks it and measures its parity."""
+def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: bool, threshold: int,
+                 say) -> StageEntry:
+    """Exports one stage (FP16 Unets go through an FP32 file), checks it and measures its parity.
+    Its external data entries are the files the written model references, whatever their names."""
     name, signature, kwargs = stage.name, stage.signature, stage.input_kwargs
     precision = "fp16" if fp16 and stage.image_size is not None else "fp32"
     path = staging / f"{name}.onnx"
@@ -231,42 +251,30 @@ def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: boo
     if precision == "fp16":
         fp32_dir = staging / ".fp32"
         fp32_dir.mkdir(exist_ok=True)
-        export_stage(stage.module, signature, fp32_dir / path.name, opset, **kwargs)
+        export_stage(stage.module, signature, fp32_dir / path.name, opset, external_data_threshold=threshold,
+                     **kwargs)
         say(f"{name}: converting to FP16")
-        convert_fp16(fp32_dir / path.name, path)
+        files = convert_fp16(fp32_dir / path.name, path, threshold)
         shutil.rmtree(fp32_dir)
         check_model(path, signature)
     else:
-        export_stage(stage.module, signature, path, opset, **kwargs)
+        files = export_stage(stage.module, signature, path, opset, external_data_threshold=threshold, **kwargs)
     errors = measure_parity(stage.module, signature, path, PARITY_BATCH_SIZES, **kwargs)
     tolerance = TOLERANCE[precision]
     passed = all(e <= tolerance for e in errors)
     say(f"{name}: parity {precision} rel. error {max(errors):.2e} (tolerance {tolerance:.0e}) "
         f"{'ok' if passed else 'FAILED'}")
-    data = Path(f"{path}.data")
     return StageEntry(
         name=name, file=file_entry(staging, path), precision=precision, signature=signature,
         parity=Parity(list(PARITY_BATCH_SIZES), errors, tolerance, passed, bool(force and not passed)),
         flops=count_flops(stage.module, signature, **kwargs),
-        external_data=(file_entry(staging, data),) if data.exists() else (),
+        external_data=tuple(file_entry(staging, file) for file in files[1:]),
         image_size=stage.image_size, lowres_cond=stage.lowres_cond)
 
 
-def _build_engines(stages: list[Stage], entries: dict[str, StageEntry], staging: Path, fp16: bool,
-                   say) -> TensorRTEntry | None:
-    try:
-        _, capability, version = tensorrt_target()
-    except TensorRTUnavailable as reason:
-        say(f"tensorrt: skipped: {reason}; the ONNX bundle is complete")
-        return None
-    folder = staging / "tensorrt" / engine_dir_name(capability, version)
-    folder.mkdir(parents=True)
-    engines = {}
-    for stage in stages:
-        entry = entries[stage.name]
-        say(f"{stage.name}: building TensorRT engine ({'fp16' if fp16 else 'fp32'})")
-        plan = folder / f"{stage.name}.plan"
-        build_engine(staging / entry.file.file, stage.signature, plan, fp16 and entry.precision == "fp16",
-                     folder / "timing.cache")
-        engines[stage.name] = file_entry(staging, plan)
-    return TensorRTEntry(folder.relative_to(staging).as_posix(), capability, version, engines)
+def _build_engines(stages: list[Stage], entries: dict[str, StageEntry], staging: Path, say,
+                   version_compatible: bool = False) -> TensorRTEntry | None:
+    """Engines take their precision from the ONNX files (`--fp16` chose those); each is checked
+    against ONNX Runtime at the FP16 tolerance before it is written."""
+    return build_engines(stages, entries, staging, say, tolerance=TOLERANCE["fp16"],
+                         version_compatible=version_compatible)

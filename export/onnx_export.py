@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from imagen.reference.text_encoder import TextEncoder
-from imagen.reference.unet import Unet
 from torch import nn
 
+from imagen.reference.text_encoder import TextEncoder
+from imagen.reference.unet import Unet
 from imagen.runtime.contract import BATCH, StageSignature
 
-TWO_GB = 2**31
+TWO_GB = 2**31  # protobuf's limit on one serialized message: a larger .onnx must keep its weights outside
+EXTERNAL_DATA_THRESHOLD = int(TWO_GB * 0.9)  # weight bytes above which a stage is written with external data
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata naming the exporting machine's source paths
 
 
 class ExportError(RuntimeError):
@@ -68,26 +70,30 @@ def _quiet():
             lg.setLevel(level)
 
 
-def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset: int = 18,
-                 **input_kwargs) -> list[Path]:
-    """Exports `module` to `path`; returns the files written (the model, plus external data over 2 GB)."""
+def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset: int = 18, *,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, **input_kwargs) -> list[Path]:
+    """Exports `module` to `path`; returns the files written: the model, then its external data files.
+
+    Weights go to `<name>.onnx.data` when they exceed `external_data_threshold` bytes (torch also
+    does so on its own above 1.5 GB); the list comes from the saved model's tensor locations."""
 
     module = module.eval()
     rng = np.random.default_rng(0)
     example = to_torch(signature.sample_inputs(max(2, signature.batch_opt), rng, **input_kwargs), signature)
     batch = torch.export.Dim("batch", min=1, max=max(signature.batch_max, 2))
     dynamic_shapes = tuple({0: batch} if spec.shape[0] == BATCH else None for spec in signature.inputs)
-    large = sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GB * 0.9
+    large = weight_bytes(module) > external_data_threshold
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(module, example, dynamo=True, input_names=signature.input_names,
                                         output_names=signature.output_names, dynamic_shapes=dynamic_shapes,
-                                        opset_version=opset, external_data=large, optimize=True)
+                                        opset_version=opset, optimize=True)
+            _strip_stack_traces(program.model)
             program.save(str(path), external_data=large)
     except Exception as error:
         raise ExportError(f"{signature.name}: ONNX export failed: {type(error).__name__}: {error}") from error
     check_model(path, signature)
-    return [path] + ([Path(f"{path}.data")] if large and Path(f"{path}.data").exists() else [])
+    return [path] + external_data_files(path)
 
 
 def check_model(path: Path, signature: StageSignature) -> None:
@@ -107,18 +113,107 @@ def check_model(path: Path, signature: StageSignature) -> None:
         raise ExportError(f"{signature.name}: graph outputs {outputs} differ from {signature.output_names}")
 
 
-def convert_fp16(src: Path, dst: Path) -> None:
-    """FP16 weights and math with FP32 inputs and outputs (casts at the graph edges)."""
+def weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _strip_stack_traces(model) -> None:
+    """The exporter records each node's Python stack, absolute paths of this machine included; a
+    bundle is shipped elsewhere, so those go (the node's module and class names stay)."""
+    for graph in (model.graph, *model.functions.values()):
+        for node in graph.all_nodes():
+            node.metadata_props.pop(STACK_TRACE, None)
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """Every file the model at `path` reads its tensors from, in first-use order; ExportError if one
+    is missing or lies outside the model's folder (the runtime would refuse it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent.resolve()
+    files = []
+    for tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        file = path.parent / location
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts \
+                or not file.resolve().is_relative_to(folder) or not file.is_file():
+            raise ExportError(f"{path.name}: tensor {tensor.name} reads external data {location!r}, which is not a "
+                              f"file inside {path.parent}")
+        if file not in files:
+            files.append(file)
+    return files
+
+
+def _tensors(model):
+    """Every TensorProto of a model: initializers, sparse initializers and node attributes, in
+    subgraphs and functions too."""
+    graphs = [model.graph]
+    nodes = [node for function in model.functions for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.initializer
+            yield from _sparse(graph.sparse_initializer)
+            nodes.extend(graph.node)
+            continue
+        for attribute in nodes.pop().attribute:
+            yield from [attribute.t] if attribute.HasField("t") else []
+            yield from attribute.tensors
+            yield from _sparse([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else [])
+            yield from _sparse(attribute.sparse_tensors)
+            graphs.extend([attribute.g] if attribute.HasField("g") else [])
+            graphs.extend(attribute.graphs)
+
+
+def _sparse(tensors):
+    for tensor in tensors:
+        yield from (tensor.values, tensor.indices)
+
+
+def convert_fp16(src: Path, dst: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """FP16 weights and math with FP32 inputs and outputs (casts at the graph edges); returns the
+    files written, as `export_stage` does. `src` goes by path: the converter then infers shapes
+    from the file (onnx's in-memory shape inference stops at 2 GB)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
     with _quiet():
-        half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+        half = convert_float_to_float16(str(src), keep_io_types=True, disable_shape_infer=False)
     _sort_topologically(half.graph)  # the converter appends its input casts at the end
+    _drop_redundant_casts(half.graph)  # it casts float32 Resize scales to float32 again: strict typing wants none
     del half.graph.value_info[:]  # it also leaves stale float32 annotations on FP16 tensors
-    large = sum(int(np.prod(t.dims)) * 2 for t in half.graph.initializer) > TWO_GB * 0.9
-    onnx.save(half, str(dst), save_as_external_data=large)
+    large = sum(t.ByteSize() for t in half.graph.initializer) > external_data_threshold
+    # Without `location` onnx names the data file by a fresh UUID; name it as the exporter does.
+    onnx.save(half, str(dst), save_as_external_data=large, location=f"{dst.name}.data")
+    return [dst] + external_data_files(dst)
+
+
+def _drop_redundant_casts(graph) -> None:
+    """Remove Casts to the type their input already has (float32 -> float32 on Resize scales,
+    float16 -> float16), reading the consumers from the input. Types are those known without shape
+    inference, which stops at 2 GB: initializers, graph inputs, Constants and earlier Casts."""
+    import onnx
+
+    types = {t.name: t.data_type for t in graph.initializer}
+    types.update((i.name, i.type.tensor_type.elem_type) for i in graph.input)
+    outputs, rename, kept = {o.name for o in graph.output}, {}, []
+    for node in graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+        attributes = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and "value" in attributes:
+            types[node.output[0]] = attributes["value"].t.data_type
+        if node.op_type == "Cast":
+            to = onnx.helper.get_attribute_value(attributes["to"])
+            if types.get(node.input[0]) == to and node.output[0] not in outputs:
+                rename[node.output[0]] = node.input[0]
+                continue
+            types[node.output[0]] = to
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _sort_topologically(graph) -> None:

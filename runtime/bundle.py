@@ -205,7 +205,9 @@ def _default_settings(manifest: Manifest, timesteps: list[int]) -> Settings:
             sr_strength=check_sr_strength(1.0 if defaults.sr_strength is None else defaults.sr_strength),
         )
     except ParameterError as error:
-        raise BundleError(f"{MANIFEST}: defaults.{error.parameter} {error.value!r} is not {error.limit}; {REEXPORT}")
+        raise BundleError(
+            f"{MANIFEST}: defaults.{error.parameter} {error.value!r} is not {error.limit}; {REEXPORT}"
+        ) from None
 
 
 def _schedules(manifest: Manifest) -> dict[str, Schedule]:

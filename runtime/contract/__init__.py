@@ -14,6 +14,7 @@ from .manifest import (
     StageEntry,
     TensorRTEntry,
     TokenizerEntry,
+    run_config_sha256,
 )
 from .signatures import (
     BATCH,
@@ -39,5 +40,5 @@ __all__ = [
     "BATCH", "FORMAT", "FORMAT_VERSION", "LOWRES", "MANIFEST", "MAX_TOKEN_ID", "REEXPORT", "SUPPORTED_VERSIONS",
     "TEXT_ENCODER", "TOKENIZER_KINDS", "Defaults", "FileEntry", "Manifest", "Parity", "ScheduleEntry", "Source", "StageEntry",
     "StageSignature", "TensorRTEntry", "TensorSpec", "TokenizerEntry", "sha256_file", "stage_names",
-    "text_encoder_signature", "unet_name", "unet_signature",
+    "text_encoder_signature", "unet_name", "unet_signature", "run_config_sha256",
 ]

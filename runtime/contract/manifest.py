@@ -7,7 +7,9 @@ sizes and hashes, and whether the signatures are the ones this runtime feeds is
 verification (`imagen.runtime.bundle`).
 """
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import BundleError, ParameterError
 from ..settings import check_sampler, check_sr_strength, check_steps, is_int, is_number
@@ -283,23 +285,59 @@ class Defaults:
 
 @dataclass(frozen=True)
 class TensorRTEntry:
-    """Engines built on and for one GPU kind and TensorRT version."""
+    """Engines built on and for one GPU kind and TensorRT version. What the build measured is optional
+    (absent in bundles written before it, and written only when set): the GPU's name, whether the
+    engines are version-compatible (runnable by the lean runtime and later TensorRT of the same major
+    version), and each engine's largest relative error against ONNX Runtime (CPU) with its tolerance."""
 
     dir: str
     compute_capability: str
     version: str
     engines: dict[str, FileEntry]
+    gpu_name: str | None = None
+    version_compatible: bool = False
+    max_rel_error: dict[str, float] = field(default_factory=dict)
+    tolerance: float | None = None
 
     @classmethod
     def from_json(cls, entry) -> "TensorRTEntry":
         entry = _object(entry, "tensorrt")
         engines = _get(entry, "engines", dict, "tensorrt.")
+        errors = _get(entry, "max_rel_error", dict, "tensorrt.", {})
+        if not all(is_number(e) and e >= 0 for e in errors.values()):
+            raise _fail("tensorrt.max_rel_error", "must map engine names to non-negative numbers")
         return cls(str(entry.get("dir", "")), str(entry.get("compute_capability")), str(entry.get("version")),
-                   {name: FileEntry.from_json(e, f"TensorRT engine {name}") for name, e in engines.items()})
+                   {name: FileEntry.from_json(e, f"TensorRT engine {name}") for name, e in engines.items()},
+                   gpu_name=_get(entry, "gpu_name", str, "tensorrt.", None),
+                   version_compatible=_get(entry, "version_compatible", bool, "tensorrt.", False),
+                   max_rel_error={name: float(e) for name, e in errors.items()},
+                   tolerance=_get(entry, "tolerance", float, "tensorrt.", None))
 
     def to_json(self) -> dict:
-        return {"dir": self.dir, "compute_capability": self.compute_capability, "version": self.version,
-                "engines": {name: e.to_json() for name, e in self.engines.items()}}
+        out = {"dir": self.dir, "compute_capability": self.compute_capability, "version": self.version}
+        if self.gpu_name is not None:
+            out["gpu_name"] = self.gpu_name
+        if self.version_compatible:
+            out["version_compatible"] = True
+        out["engines"] = {name: e.to_json() for name, e in self.engines.items()}
+        if self.max_rel_error:
+            out["max_rel_error"] = dict(self.max_rel_error)
+        if self.tolerance is not None:
+            out["tolerance"] = self.tolerance
+        return out
+
+
+def run_config_sha256(run_dir) -> str:
+    """What `source.config_sha256` records: the sha256 of a run's config.json bytes; for a MinImagen
+    directory, of its parameters/*.json files' bytes concatenated in sorted file-name order. Equal
+    hashes: a run with the same configuration (not necessarily the same checkpoint)."""
+    run_dir = Path(run_dir)
+    config = run_dir / "config.json"
+    files = [config] if config.is_file() else sorted((run_dir / "parameters").glob("*.json"), key=lambda p: p.name)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
