@@ -1,50 +1,116 @@
-"""TensorRT engines from the bundle's ONNX files, with the TensorRT Python API.
+"""TensorRT engines from the bundle's ONNX files, with the TensorRT Python API (10.x and 11.x).
 
 One engine per stage: ONNX parser, one optimization profile from the stage signature's
-min/opt/max shapes, FP16 when asked, and a timing cache kept beside the engines. Engines
-are built on and for one GPU kind: they go into `tensorrt/sm<cc>-<version>/`.
+min/opt/max shapes, and a timing cache kept beside the engines. Networks are strongly typed:
+an FP16 Unet's ONNX already holds FP16 weights and math with FP32 inputs and outputs
+(`convert_fp16`), and the engine keeps exactly those types, so no precision flag is set
+(TensorRT 11 removed them; on 10.x they conflict with strong typing). The T5 encoder's ONNX is
+FP32 and so is its engine (TensorRT's default TF32 applies to its matrix products on Ampere and
+later). Every engine is run on the stage's sample inputs and compared with ONNX Runtime (CPU) on
+the same inputs before it is written. Engines are built on and for one GPU kind: they go into
+`tensorrt/sm<cc>-<version>/`; version-compatible ones also run on later TensorRT releases of the
+same major version and on the lean runtime.
 """
 
+import os
 from pathlib import Path
+from typing import NamedTuple
 
-from imagen.runtime.contract import StageSignature
+import numpy as np
+
+from imagen.runtime.contract import FileEntry, StageSignature, TensorRTEntry, sha256_file
+from imagen.runtime.tensorrt_backend import TENSORRT_NAMES as RUNTIME_NAMES
+
+from .onnx_export import ExportError, relative_error
+
+# Every TensorRT name the engine build uses ("Class.member" for members); with the runtime's, the
+# names this project needs. Tests check them against the TensorRT 10.x and 11.x bindings and check
+# that the code uses no other.
+BUILDER_NAMES = (
+    "Logger", "Logger.WARNING", "Builder", "Builder.create_network", "Builder.create_builder_config",
+    "Builder.create_optimization_profile", "Builder.build_serialized_network", "NetworkDefinitionCreationFlag",
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "OnnxParser", "OnnxParser.parse_from_file",
+    "OnnxParser.num_errors", "OnnxParser.get_error", "MemoryPoolType", "MemoryPoolType.WORKSPACE", "BuilderFlag",
+    "BuilderFlag.VERSION_COMPATIBLE", "BuilderFlag.EXCLUDE_LEAN_RUNTIME", "IBuilderConfig.set_memory_pool_limit",
+    "IBuilderConfig.set_flag", "IBuilderConfig.create_timing_cache", "IBuilderConfig.set_timing_cache",
+    "IBuilderConfig.get_timing_cache", "IBuilderConfig.add_optimization_profile", "IOptimizationProfile.set_shape",
+    "ITimingCache.serialize",
+)
+TENSORRT_NAMES = tuple(dict.fromkeys(BUILDER_NAMES + RUNTIME_NAMES))
 
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing here; the ONNX bundle is still complete."""
 
 
-def tensorrt_target() -> tuple[object, str, str]:
-    """(tensorrt module, compute capability 'major.minor', TensorRT version) or TensorRTUnavailable,
-    from the runtime's own probe of this machine."""
-    from imagen.runtime.backends import tensorrt_environment
+class EngineError(ExportError):
+    """TensorRT could not parse a stage's ONNX file or build its engine."""
+
+
+class EngineCheckError(EngineError):
+    """An engine's outputs differ from ONNX Runtime's on the same inputs; it was not written."""
+
+    def __init__(self, stage: str, rel_error: float, tolerance: float, batch: int):
+        self.stage, self.rel_error, self.tolerance, self.batch = stage, rel_error, tolerance, batch
+        super().__init__(f"{stage}: the TensorRT engine differs from ONNX Runtime (CPU) on the same inputs: relative "
+                         f"error {rel_error:.3e} > tolerance {tolerance:.0e} at batch {batch}; the engine was not "
+                         "written. Rebuild with another TensorRT version, or drop --tensorrt")
+
+
+class Target(NamedTuple):
+    """The machine engines are built on and for."""
+
+    trt: object
+    compute_capability: str
+    version: str
+    gpu_name: str
+
+
+def tensorrt_target() -> Target:
+    """This machine's TensorRT (the full package: the lean runtime cannot build) and GPU, from the
+    runtime's own probe, or TensorRTUnavailable saying what is missing."""
     from imagen.runtime.errors import BackendError
+    from imagen.runtime.tensorrt_backend import gpu_name, tensorrt_environment
 
     try:
-        trt, _, capability, version = tensorrt_environment()
+        trt, cudart, capability, version = tensorrt_environment()
+        name = gpu_name(cudart)
     except BackendError as error:
         raise TensorRTUnavailable(str(error)) from error
-    return trt, capability, version
+    if getattr(trt, "Builder", None) is None:
+        raise TensorRTUnavailable(f"only the lean TensorRT runtime {version} is installed here, which runs engines "
+                                  "but cannot build them; install tensorrt to build")
+    return Target(trt, capability, version, name)
 
 
 def engine_dir_name(compute_capability: str, version: str) -> str:
     return f"sm{compute_capability.replace('.', '')}-{version}"
 
 
-def build_engine(onnx_path: Path, signature: StageSignature, plan_path: Path, fp16: bool,
-                 timing_cache: Path, workspace_gb: float = 4.0) -> None:
-    trt, _, _ = tensorrt_target()
+def network_flags(trt) -> int:
+    """Strongly typed where the flag exists (TensorRT 10.x: opt in; 11.x: always on, flag accepted)."""
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if strongly_typed is None else 1 << int(strongly_typed)
+
+
+def build_engine(onnx_path: Path, signature: StageSignature, plan_path: Path, timing_cache: Path, *,
+                 version_compatible: bool = False, workspace_gb: float = 4.0) -> None:
+    """Parses `onnx_path` (external data beside it) into a strongly typed network and writes its engine.
+    version_compatible: the engine runs on later TensorRT of the same major version and on the lean
+    runtime; the lean runtime is left out of the plan (the loader allows the plan's host code)."""
+    trt = tensorrt_target().trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{signature.name}: TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise EngineError(f"{signature.name}: TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
@@ -53,6 +119,67 @@ def build_engine(onnx_path: Path, signature: StageSignature, plan_path: Path, fp
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"{signature.name}: TensorRT failed to build an engine from {onnx_path.name}")
+        raise EngineError(f"{signature.name}: TensorRT failed to build an engine from {onnx_path.name} (its log "
+                          "above says why)")
     plan_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache()
+    timing_cache.write_bytes(bytes(cache.serialize()))
+
+
+def check_engine(plan_path: Path, onnx_path: Path, signature: StageSignature, tolerance: float, *,
+                 version_compatible: bool = False, input_kwargs: dict | None = None, seed: int = 0) -> float:
+    """The largest relative error of the engine against ONNX Runtime (CPU) on the same sample inputs,
+    at the profile's smallest and largest batch; EngineCheckError above `tolerance` (or non-finite)."""
+    import onnxruntime as ort
+
+    from imagen.runtime.tensorrt_backend import TensorRTBackend
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    rng, worst = np.random.default_rng(seed), 0.0
+    with TensorRTBackend(plan_path, signature, cuda_graphs=False, version_compatible=version_compatible) as backend:
+        for batch in sorted({signature.batch_min, signature.batch_max}):
+            feeds = signature.sample_inputs(batch, rng, **(input_kwargs or {}))
+            expected = dict(zip(signature.output_names, session.run(signature.output_names, feeds)))
+            got = backend.run(feeds)
+            error = max(relative_error(got[name], want) for name, want in expected.items())
+            if not error <= tolerance:
+                raise EngineCheckError(signature.name, error, tolerance, batch)
+            worst = max(worst, error)
+    return worst
+
+
+def build_engines(stages, entries: dict, staging: Path, say, *, tolerance: float,
+                  version_compatible: bool = False) -> TensorRTEntry | None:
+    """Builds and checks one engine per stage (objects with `name`, `signature`, `input_kwargs`) from
+    the ONNX files that `entries` (StageEntry per stage) name inside `staging`; the manifest's entry,
+    or None (said) when TensorRT or a GPU is missing. An engine that fails its check is not written."""
+    try:
+        target = tensorrt_target()
+    except TensorRTUnavailable as reason:
+        say(f"tensorrt: skipped: {reason}; the ONNX bundle is complete")
+        return None
+    folder = staging / "tensorrt" / engine_dir_name(target.compute_capability, target.version)
+    folder.mkdir(parents=True)
+    engines, errors = {}, {}
+    for stage in stages:
+        onnx_path, plan = staging / entries[stage.name].file.file, folder / f"{stage.name}.plan"
+        partial = folder / f".{stage.name}.plan.partial"
+        say(f"{stage.name}: building TensorRT engine ({entries[stage.name].precision}"
+            f"{', version-compatible' if version_compatible else ''})")
+        try:
+            build_engine(onnx_path, stage.signature, partial, folder / "timing.cache",
+                         version_compatible=version_compatible)
+            errors[stage.name] = check_engine(partial, onnx_path, stage.signature, tolerance,
+                                              version_compatible=version_compatible, input_kwargs=stage.input_kwargs)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, plan)
+        say(f"{stage.name}: engine rel. error {errors[stage.name]:.2e} against ONNX Runtime (tolerance "
+            f"{tolerance:.0e}) ok")
+        engines[stage.name] = FileEntry(plan.relative_to(staging).as_posix(), plan.stat().st_size, sha256_file(plan))
+    return TensorRTEntry(folder.relative_to(staging).as_posix(), target.compute_capability, target.version, engines,
+                         gpu_name=target.gpu_name, version_compatible=version_compatible, max_rel_error=errors,
+                         tolerance=tolerance)

@@ -1,21 +1,21 @@
 """Inference backends: one object per stage with `run(feeds) -> {output name: array}`.
 
 `OnnxRuntimeBackend` (the default, CPU or CUDA/TensorRT execution providers) and
-`TensorRTBackend` (serialized engines from `imagen-export --tensorrt`; tensorrt and
-cuda-python are imported only when it is used). Both check the feeds against the stage
+`TensorRTBackend` (serialized engines from `imagen-export --tensorrt`, in tensorrt_backend.py;
+tensorrt and cuda-python are imported only when it is used). Both check the feeds against the stage
 signature first and raise SignatureError, so a wrong array never reaches an engine.
 """
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle
-from .contract import BATCH, StageSignature, TensorRTEntry
+from .contract import BATCH, StageSignature
 from .errors import BackendError, BundleError, ParameterError, SignatureError
 from .settings import is_int
+from .tensorrt_backend import TensorRTBackend, check_engines_match, is_lean, tensorrt_environment
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -126,127 +126,6 @@ class OnnxRuntimeBackend:
         return dict(zip(self.stage.output_names, outputs, strict=False))
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError as error:
-            raise BackendError(
-                "the TensorRT backend needs cuda-python (pip install 'imagen-cascade[tensorrt]')"
-            ) from error
-    return cudart
-
-
-def _cuda_call(result):
-    """cuda-python returns (error, *values); raise BackendError on an error."""
-    error, *values = result if isinstance(result, tuple) else (result,)
-    if int(error) != 0:
-        raise BackendError(f"CUDA call failed with error {error}")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def tensorrt_environment() -> tuple[object, object, str, str]:
-    """(tensorrt, cudart, compute capability 'major.minor', TensorRT version), or BackendError
-    saying what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as error:
-        raise BackendError(
-            "the tensorrt package is not installed (pip install 'imagen-cascade[tensorrt]' on a "
-            "machine with an NVIDIA GPU); use --backend onnxruntime"
-        ) from error
-    cudart = _cudart()
-    error, count = cudart.cudaGetDeviceCount()
-    if int(error) != 0 or count < 1:
-        raise BackendError("no CUDA GPU is visible; use --backend onnxruntime")
-    props = _cuda_call(cudart.cudaGetDeviceProperties(0))
-    return trt, cudart, f"{props.major}.{props.minor}", trt.__version__
-
-
-def check_engines_match(engines: TensorRTEntry | None, capability: str, version: str) -> None:
-    if engines is None or not engines.engines:
-        raise BundleError(
-            "this bundle has no TensorRT engines; rebuild it with imagen-export --tensorrt on this "
-            "machine, or use --backend onnxruntime"
-        )
-    built = (engines.compute_capability, engines.version)
-    if built != (capability, version):
-        raise BundleError(
-            f"the bundle's TensorRT engines were built for compute capability {built[0]} with "
-            f"TensorRT {built[1]}; this machine has compute capability {capability} and TensorRT "
-            f"{version}; rebuild them here with imagen-export --tensorrt, or use --backend onnxruntime"
-        )
-
-
-class TensorRTBackend:
-    """A deserialized TensorRT engine; one execution context, stream and buffer set per thread."""
-
-    def __init__(self, plan_path, stage_signature: StageSignature, engines: TensorRTEntry | None = None):
-        trt, self._cudart, capability, version = tensorrt_environment()
-        if engines is not None:
-            check_engines_match(engines, capability, version)
-        self.stage = stage_signature
-        self.path = Path(plan_path)
-        self._logger = trt.Logger(trt.Logger.ERROR)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise BundleError(
-                f"TensorRT cannot deserialize {self.path}; rebuild it with imagen-export --tensorrt"
-            )
-        self._local = threading.local()
-
-    def _thread_state(self):
-        state = getattr(self._local, "state", None)
-        if state is None:
-            state = {
-                "context": self.engine.create_execution_context(),
-                "stream": _cuda_call(self._cudart.cudaStreamCreate()),
-                "buffers": {},
-            }
-            self._local.state = state
-        return state
-
-    def _buffer(self, state, name: str, nbytes: int) -> int:
-        pointer, size = state["buffers"].get(name, (None, 0))
-        if size < nbytes:
-            if pointer is not None:
-                _cuda_call(self._cudart.cudaFree(pointer))
-            pointer = _cuda_call(self._cudart.cudaMalloc(max(nbytes, 1)))
-            state["buffers"][name] = (pointer, nbytes)
-        return pointer
-
-    def run(self, feeds: dict) -> dict:
-        check_feeds(self.stage, feeds)
-        cudart = self._cudart
-        state = self._thread_state()
-        context, stream = state["context"], state["stream"]
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, array in feeds.items():
-            array = np.ascontiguousarray(array)
-            pointer = self._buffer(state, name, array.nbytes)
-            _cuda_call(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, h2d, stream))
-            context.set_input_shape(name, array.shape)
-            context.set_tensor_address(name, pointer)
-        outputs = {}
-        for spec in self.stage.outputs:
-            shape = tuple(context.get_tensor_shape(spec.name))
-            outputs[spec.name] = np.empty(shape, dtype=spec.dtype)
-            context.set_tensor_address(spec.name, self._buffer(state, spec.name, outputs[spec.name].nbytes))
-        if not context.execute_async_v3(stream):
-            raise BackendError(f"{self.stage.name}: TensorRT execution failed")
-        for name, array in outputs.items():
-            _cuda_call(
-                cudart.cudaMemcpyAsync(
-                    array.ctypes.data, state["buffers"][name][0], array.nbytes, d2h, stream
-                )
-            )
-        _cuda_call(cudart.cudaStreamSynchronize(stream))
-        return outputs
-
-
 def check_backend_options(backend: str, threads: int | None) -> None:
     if backend not in BACKENDS:
         raise ParameterError("backend", f"one of {', '.join(BACKENDS)}", backend)
@@ -258,13 +137,14 @@ def choose_backend(bundle: Bundle, backend: str = "auto") -> tuple[Bundle, str]:
     """(the bundle, with its engines verified when they will be used; "onnxruntime" or "tensorrt").
 
     "tensorrt" raises BackendError (no GPU or TensorRT here) or BundleError (engines built for another
-    GPU or TensorRT version); "auto" takes TensorRT only when the bundle's engines are usable here."""
+    GPU or TensorRT version, or not version-compatible where only the lean runtime is installed); "auto"
+    takes TensorRT only when the bundle's engines are usable here."""
     engines = bundle.manifest.tensorrt
     if backend == "onnxruntime" or (backend == "auto" and engines is None):
         return bundle, "onnxruntime"
     try:
-        _, _, capability, version = tensorrt_environment()
-        check_engines_match(engines, capability, version)
+        trt, _, capability, version = tensorrt_environment()
+        check_engines_match(engines, capability, version, lean=trt is not None and is_lean(trt))
         return bundle.verify_engines(), "tensorrt"
     except (BackendError, BundleError):
         if backend == "tensorrt":
