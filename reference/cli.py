@@ -6,6 +6,7 @@ import click
 
 from imagen._cli import command, run_command
 
+from .samplers import SAMPLERS
 from .train import TrainConfig, train
 
 PREFIX = "imagen-train: "
@@ -47,6 +48,10 @@ def _int_list(value: str | None) -> tuple | None:
 @click.option("--val-every", type=int, default=200, show_default=True)
 @click.option("--checkpoint-every", type=int, default=200, show_default=True)
 @click.option("--sample-every", type=int, default=None, help="Sample grid interval (0: none).")
+@click.option("--preview-sampler", type=click.Choice(list(SAMPLERS)), default=TrainConfig.preview_sampler,
+              show_default=True, help="Sampler of the sample grids.")
+@click.option("--preview-steps", type=click.IntRange(min=1), default=TrainConfig.preview_steps, show_default=True,
+              help="Sample grid steps per Unet (capped at its timesteps).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
@@ -55,7 +60,7 @@ def _int_list(value: str | None) -> tuple | None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size, steps, epochs, lr, cond_drop_prob,
          guidance, text_encoder, max_length, train_unets, lowres_max_noise, ema_decay, grad_accum, val_every,
-         checkpoint_every, sample_every, seed, threads, resume, force, quiet, debug):
+         checkpoint_every, sample_every, preview_sampler, preview_steps, seed, threads, resume, force, quiet, debug):
     """Train an Imagen cascade (PyTorch reference) into a run directory."""
 
     def run():
@@ -68,7 +73,8 @@ def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size,
             max_length=max_length, train_unets=_int_list(train_unets), lowres_max_noise_level=lowres_max_noise,
             ema_decay=ema_decay,
             grad_accum=grad_accum, val_every=val_every, checkpoint_every=checkpoint_every,
-            sample_every=sample_every, seed=seed, threads=threads, resume=resume, force=force,
+            sample_every=sample_every, preview_sampler=preview_sampler, preview_steps=preview_steps, seed=seed,
+            threads=threads, resume=resume, force=force,
             progress=False if quiet else None)
         return train(config)
 

@@ -32,6 +32,7 @@ from .checkpoint import (
 from .data import FolderData, ShapesData, draw_batch, make_dataset
 from .imagen import Imagen, ImagenConfig
 from .images import to_uint8
+from .samplers import SAMPLERS
 from .text_encoder import TextEncoder
 from .unet import UnetConfig, preset_config
 
@@ -69,6 +70,9 @@ class TrainConfig:
     sample_every: int | None = None  # defaults to checkpoint_every; 0 turns samples off
     sample_prompts: tuple = ("a small red circle on the left", "a large blue square in the middle",
                              "a small green triangle at the top", "a large yellow circle on the right")
+    # Sample grids use the runtime's default sampler: all T ancestral DDPM steps per Unet took minutes on a CPU.
+    preview_sampler: str = "dpmpp_2m"  # a key of imagen.reference.samplers.SAMPLERS
+    preview_steps: int = 25  # per Unet, capped at its timesteps
     seed: int = 0
     threads: int | None = None
     resume: bool = False
@@ -84,8 +88,11 @@ def _check(config: TrainConfig) -> None:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    for name in ("batch_size", "steps", "grad_accum", "val_every", "checkpoint_every", "max_length"):
+    for name in ("batch_size", "steps", "grad_accum", "val_every", "checkpoint_every", "max_length",
+                 "preview_steps"):
         positive(name, getattr(config, name))
+    if config.preview_sampler not in SAMPLERS:
+        raise ValueError(f"preview_sampler must be one of {', '.join(SAMPLERS)}, got {config.preview_sampler!r}")
     if not 0 <= config.cond_drop_prob < 1:
         raise ValueError(f"cond_drop_prob must be in [0, 1), got {config.cond_drop_prob}")
     if not 0 <= config.ema_decay < 1:
@@ -192,7 +199,9 @@ def _save_samples(imagen: Imagen, embed, config: TrainConfig, out: Path, step: i
     from PIL import Image
 
     embeds, mask = embed(list(config.sample_prompts))
-    images = imagen.sample(embeds, mask, noise=np.random.default_rng(config.seed))
+    steps = tuple(min(config.preview_steps, schedule.num_timesteps) for schedule in imagen.noise_schedulers)
+    images = imagen.sample(embeds, mask, sampler=config.preview_sampler, steps=steps,
+                           noise=np.random.default_rng(config.seed))
     images = to_uint8(images).numpy()  # (b, h, w, 3)
     grid = Image.fromarray(np.concatenate(list(images), axis=1))
     atomic_save(out / "samples" / f"step_{step:07d}.png", lambda tmp: grid.save(tmp, format="PNG"))
@@ -204,10 +213,10 @@ def train(config: TrainConfig, log=None) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     imagen, encoder, run, out = _prepare_run(config)
-    if config.resume:  # the run's own settings win; only the length, intervals and phase may change
+    if config.resume:  # the run's own settings win; only the length, intervals, phase and previews may change
         saved = {**run["train"], **{k: getattr(config, k) for k in (
             "steps", "epochs", "val_every", "checkpoint_every", "sample_every", "threads", "progress",
-            "train_unets", "lowres_max_noise_level")}}
+            "train_unets", "lowres_max_noise_level", "preview_sampler", "preview_steps")}}
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
                 if k in names and k not in ("out", "resume", "force")}
