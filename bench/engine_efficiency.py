@@ -66,6 +66,7 @@ def build_base_unet(folder: Path, *, dim: int, image_size: int, embed_dim: int, 
     """A base Unet of `image_size` and `dim` (dim_mults (1, 2, 4), attention and cross-attention on
     the lower two levels; random weights), exported to ONNX as a bundle stage would be."""
     import torch
+
     from imagen.export.onnx_export import UnetStage, count_flops, export_stage
     from imagen.reference.unet import Unet, UnetConfig
     from imagen.runtime.contract import unet_signature

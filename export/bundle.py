@@ -30,9 +30,9 @@ from imagen.runtime.contract import (
     StageSignature,
     TensorRTEntry,
     TokenizerEntry,
+    run_config_sha256,
     sha256_file,
     text_encoder_signature,
-    run_config_sha256,
     unet_name,
     unet_signature,
 )
@@ -86,8 +86,13 @@ def _versions() -> dict:
         trt_version = tensorrt.__version__
     except ImportError:
         trt_version = None
-    return {"imagen": imagen.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "tensorrt": trt_version}
+    return {
+        "imagen": imagen.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tensorrt": trt_version,
+    }
 
 
 def load_checkpoint(ckpt: str | Path, weights: str = "latest", text_encoder: str | Path | None = None) -> Run:
@@ -99,8 +104,10 @@ def load_checkpoint(ckpt: str | Path, weights: str = "latest", text_encoder: str
     if text_encoder is not None:
         encoder = TextEncoder.from_folder(text_encoder, max_length=run.text_encoder.max_length)
         if encoder.embed_dim != run.text_encoder.embed_dim:
-            raise ExportError(f"--text-encoder {text_encoder} has width {encoder.embed_dim}, the Unets were "
-                              f"trained on {run.text_encoder.embed_dim}; drop --text-encoder to use the run's own")
+            raise ExportError(
+                f"--text-encoder {text_encoder} has width {encoder.embed_dim}, the Unets were "
+                f"trained on {run.text_encoder.embed_dim}; drop --text-encoder to use the run's own"
+            )
         run.text_encoder = encoder
     return run
 
@@ -126,13 +133,25 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tensorrt: bool = False,
-                  weights: str = "latest", max_batch: int = 8, opset: int = 18,
-                  text_encoder: str | Path | None = None, force: bool = False, sampler: str = "ddpm",
-                  steps: int | None = None, sr_strength: float = 1.0,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, record_source_path: bool = False,
-                  tensorrt_version_compatible: bool = False,
-                  report: Callable[[str], None] | None = None) -> Manifest:
+def export_bundle(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    fp16: bool = False,
+    tensorrt: bool = False,
+    weights: str = "latest",
+    max_batch: int = 8,
+    opset: int = 18,
+    text_encoder: str | Path | None = None,
+    force: bool = False,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    sr_strength: float = 1.0,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    record_source_path: bool = False,
+    tensorrt_version_compatible: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> Manifest:
     """Exports every stage, measures parity, optionally builds TensorRT engines; returns the manifest.
 
     `sampler`, `steps` and `sr_strength` become the bundle's defaults (steps None: every trained
@@ -142,20 +161,13 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
     `tensorrt_version_compatible` builds engines that later TensorRT versions and the lean runtime load."""
     say = report or (lambda message: None)
     out = Path(out)
-    check_sampler(sampler)
-    check_sr_strength(sr_strength)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
-    if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
-        raise ValueError(f"max_batch must be an integer in [1, 1024], got {max_batch!r}")
-    if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int) \
-            or external_data_threshold < 0:
-        raise ValueError(f"external_data_threshold must be a non-negative integer, got {external_data_threshold!r}")
+    _check_options(sampler, steps, sr_strength, max_batch, external_data_threshold)
     out.parent.mkdir(parents=True, exist_ok=True)
     _recover(out)
     if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it (the old bundle stays until the "
-                          "new one is complete)")
+        raise ExportError(
+            f"{out} already exists; pass --force to replace it (the old bundle stays until the new one is complete)"
+        )
     run = load_checkpoint(ckpt, weights, text_encoder)
     timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
     if steps is not None and steps > timesteps:
@@ -167,15 +179,27 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
         stages = _stages(run, max_batch)
         entries = _write_stages(stages, staging, fp16, opset, force, external_data_threshold, say)
         config = run.imagen.config
-        defaults = Defaults(config.guidance_scale, config.dynamic_thresholding_percentile,
-                            config.lowres_sample_noise_level, sampler=sampler, steps=steps,
-                            sr_strength=float(sr_strength))
         engines = _build_engines(stages, entries, staging, say, tensorrt_version_compatible) if tensorrt else None
         manifest = Manifest(
-            channels=config.channels, image_sizes=tuple(run.imagen.image_sizes),
-            max_length=run.text_encoder.max_length, embed_dim=run.text_encoder.embed_dim, tokenizer=tokenizer,
-            schedules=_schedules(run), defaults=defaults, stages=entries, tensorrt=engines, producer=_versions(),
-            source=run_source(run.path, run.weights, record_source_path))
+            channels=config.channels,
+            image_sizes=tuple(run.imagen.image_sizes),
+            max_length=run.text_encoder.max_length,
+            embed_dim=run.text_encoder.embed_dim,
+            tokenizer=tokenizer,
+            schedules=_schedules(run),
+            defaults=Defaults(
+                config.guidance_scale,
+                config.dynamic_thresholding_percentile,
+                config.lowres_sample_noise_level,
+                sampler=sampler,
+                steps=steps,
+                sr_strength=float(sr_strength),
+            ),
+            stages=entries,
+            tensorrt=engines,
+            producer=_versions(),
+            source=run_source(run.path, run.weights, record_source_path),
+        )
         (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
         _publish(staging, out)
     except BaseException:
@@ -185,22 +209,47 @@ def export_bundle(ckpt: str | Path, out: str | Path, *, fp16: bool = False, tens
     return manifest
 
 
+def _check_options(sampler: str, steps, sr_strength, max_batch, external_data_threshold) -> None:
+    """The export's own options, checked before anything is read or written (the bundle's defaults
+    through the runtime's checks, so that a bundle never carries a default its runtime refuses)."""
+    check_sampler(sampler)
+    check_sr_strength(sr_strength)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
+        raise ValueError(f"max_batch must be an integer in [1, 1024], got {max_batch!r}")
+    threshold = external_data_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"external_data_threshold must be a non-negative integer, got {threshold!r}")
+
+
 def run_source(run_dir: Path, weights: str, record_path: bool = False) -> Source:
     """The manifest's `source`: the run's folder name, config hash and weights; its absolute path
     (which names the exporting machine's folders) only when asked."""
     run_dir = Path(run_dir).resolve()
-    return Source(name=run_dir.name, config_sha256=run_config_sha256(run_dir),
-                  checkpoint=str(run_dir) if record_path else None, weights=weights)
+    return Source(
+        name=run_dir.name,
+        config_sha256=run_config_sha256(run_dir),
+        checkpoint=str(run_dir) if record_path else None,
+        weights=weights,
+    )
 
 
 def _stages(run: Run, max_batch: int) -> list[Stage]:
     encoder, cascade = run.text_encoder, run.imagen
     if encoder.max_length > cascade.unets[0].max_text_len:
-        raise ExportError(f"the text encoder's max_length {encoder.max_length} exceeds the Unets' max_text_len "
-                          f"{cascade.unets[0].max_text_len}")
+        raise ExportError(
+            f"the text encoder's max_length {encoder.max_length} exceeds the Unets' max_text_len "
+            f"{cascade.unets[0].max_text_len}"
+        )
     length, width = encoder.max_length, encoder.embed_dim
-    stages = [Stage(text_encoder_signature(length, width, max_batch), TextEncoderStage(encoder),
-                    {"vocab_size": encoder.tokenizer.vocab_size})]
+    stages = [
+        Stage(
+            text_encoder_signature(length, width, max_batch),
+            TextEncoderStage(encoder),
+            {"vocab_size": encoder.tokenizer.vocab_size},
+        )
+    ]
     for index, (unet, schedule) in enumerate(zip(cascade.unets, cascade.noise_schedulers)):
         size, lowres = cascade.image_sizes[index], bool(unet.lowres_cond)
         signature = unet_signature(index, size, length, width, lowres, max_batch, cascade.config.channels)
@@ -215,33 +264,47 @@ def _write_tokenizer(run: Run, staging: Path) -> TokenizerEntry:
         (staging / "tokenizer").mkdir()
         shutil.copyfile(tokenizer.model_file, staging / "tokenizer" / "spiece.model")
         files["spiece.model"] = file_entry(staging, staging / "tokenizer" / "spiece.model")
-    return TokenizerEntry(tokenizer.kind, tokenizer.pad_id, tokenizer.eos_id, tokenizer.offset, tokenizer.max_length,
-                          files, extra_ids=tokenizer.extra_ids)
+    return TokenizerEntry(
+        tokenizer.kind,
+        tokenizer.pad_id,
+        tokenizer.eos_id,
+        tokenizer.offset,
+        tokenizer.max_length,
+        files,
+        extra_ids=tokenizer.extra_ids,
+    )
 
 
 def _schedules(run: Run) -> dict[str, ScheduleEntry]:
-    schedules = {**{unet_name(i): s for i, s in enumerate(run.imagen.noise_schedulers)},
-                 LOWRES: run.imagen.lowres_noise_schedule}
-    return {name: ScheduleEntry(tuple(s.betas_array.tolist()), s.schedule, s.num_timesteps)
-            for name, s in schedules.items()}
+    schedules = {
+        **{unet_name(i): s for i, s in enumerate(run.imagen.noise_schedulers)},
+        LOWRES: run.imagen.lowres_noise_schedule,
+    }
+    return {
+        name: ScheduleEntry(tuple(s.betas_array.tolist()), s.schedule, s.num_timesteps) for name, s in schedules.items()
+    }
 
 
-def _write_stages(stages: list[Stage], staging: Path, fp16: bool, opset: int, force: bool, threshold: int,
-                  say) -> dict[str, StageEntry]:
+def _write_stages(
+    stages: list[Stage], staging: Path, fp16: bool, opset: int, force: bool, threshold: int, say
+) -> dict[str, StageEntry]:
     entries, failures = {}, []
     for stage in stages:
         entries[stage.name] = entry = _write_stage(stage, staging, fp16, opset, force, threshold, say)
         if not entry.parity.passed:
-            failures.append(f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
-                            f"{entry.parity.tolerance:.0e}")
+            failures.append(
+                f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
+                f"{entry.parity.tolerance:.0e}"
+            )
     if failures and not force:
-        raise ExportError("parity check failed: " + "; ".join(failures) + ". The export was not written; "
-                          "pass --force to write it anyway (marked in the manifest)")
+        raise ExportError(
+            "parity check failed: " + "; ".join(failures) + ". The export was not written; "
+            "pass --force to write it anyway (marked in the manifest)"
+        )
     return entries
 
 
-def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: bool, threshold: int,
-                 say) -> StageEntry:
+def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: bool, threshold: int, say) -> StageEntry:
     """Exports one stage (FP16 Unets go through an FP32 file), checks it and measures its parity.
     Its external data entries are the files the written model references, whatever their names."""
     name, signature, kwargs = stage.name, stage.signature, stage.input_kwargs
@@ -251,8 +314,7 @@ def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: boo
     if precision == "fp16":
         fp32_dir = staging / ".fp32"
         fp32_dir.mkdir(exist_ok=True)
-        export_stage(stage.module, signature, fp32_dir / path.name, opset, external_data_threshold=threshold,
-                     **kwargs)
+        export_stage(stage.module, signature, fp32_dir / path.name, opset, external_data_threshold=threshold, **kwargs)
         say(f"{name}: converting to FP16")
         files = convert_fp16(fp32_dir / path.name, path, threshold)
         shutil.rmtree(fp32_dir)
@@ -262,19 +324,28 @@ def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: boo
     errors = measure_parity(stage.module, signature, path, PARITY_BATCH_SIZES, **kwargs)
     tolerance = TOLERANCE[precision]
     passed = all(e <= tolerance for e in errors)
-    say(f"{name}: parity {precision} rel. error {max(errors):.2e} (tolerance {tolerance:.0e}) "
-        f"{'ok' if passed else 'FAILED'}")
+    say(
+        f"{name}: parity {precision} rel. error {max(errors):.2e} (tolerance {tolerance:.0e}) "
+        f"{'ok' if passed else 'FAILED'}"
+    )
     return StageEntry(
-        name=name, file=file_entry(staging, path), precision=precision, signature=signature,
+        name=name,
+        file=file_entry(staging, path),
+        precision=precision,
+        signature=signature,
         parity=Parity(list(PARITY_BATCH_SIZES), errors, tolerance, passed, bool(force and not passed)),
         flops=count_flops(stage.module, signature, **kwargs),
         external_data=tuple(file_entry(staging, file) for file in files[1:]),
-        image_size=stage.image_size, lowres_cond=stage.lowres_cond)
+        image_size=stage.image_size,
+        lowres_cond=stage.lowres_cond,
+    )
 
 
-def _build_engines(stages: list[Stage], entries: dict[str, StageEntry], staging: Path, say,
-                   version_compatible: bool = False) -> TensorRTEntry | None:
+def _build_engines(
+    stages: list[Stage], entries: dict[str, StageEntry], staging: Path, say, version_compatible: bool = False
+) -> TensorRTEntry | None:
     """Engines take their precision from the ONNX files (`--fp16` chose those); each is checked
     against ONNX Runtime at the FP16 tolerance before it is written."""
-    return build_engines(stages, entries, staging, say, tolerance=TOLERANCE["fp16"],
-                         version_compatible=version_compatible)
+    return build_engines(
+        stages, entries, staging, say, tolerance=TOLERANCE["fp16"], version_compatible=version_compatible
+    )

@@ -13,38 +13,91 @@ PREFIX = "imagen-export: "
 
 
 @command("imagen-export", PREFIX)
-@click.option("--ckpt", required=True, type=click.Path(), help="A run directory of imagen-train, or a MinImagen "
-              "training directory.")
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(),
+    help="A run directory of imagen-train, or a MinImagen training directory.",
+)
 @click.option("--out", default="bundle", show_default=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--fp16", is_flag=True, help="FP16 Unets (FP32 inputs and outputs); the T5 encoder stays FP32.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
-@click.option("--version-compatible", is_flag=True, help="Build version-compatible TensorRT engines (implies "
-              "--tensorrt): they also run on later TensorRT of the same major version and on the lean runtime "
-              "(imagen-cascade[tensorrt-lean]), possibly slower.")
+@click.option(
+    "--version-compatible",
+    is_flag=True,
+    help="Build version-compatible TensorRT engines (implies "
+    "--tensorrt): they also run on later TensorRT of the same major version and on the lean runtime "
+    "(imagen-cascade[tensorrt-lean]), possibly slower.",
+)
 @click.option("--weights", type=click.Choice(WEIGHT_KINDS), default="latest", show_default=True)
-@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
-              help="Largest number of images per call (Unets see twice this: cond + uncond).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 1024),
+    default=8,
+    show_default=True,
+    help="Largest number of images per call (Unets see twice this: cond + uncond).",
+)
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
-@click.option("--text-encoder", type=click.Path(), default=None,
-              help="Local T5 folder (needed for MinImagen directories).")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddpm", show_default=True,
-              help="The bundle's default sampler.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="The bundle's default steps per Unet (default: every trained timestep).")
-@click.option("--sr-strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="The bundle's default share of steps a super-resolution Unet runs from its noised "
-                   "upsampled input (1: from pure noise).")
-@click.option("--external-data-threshold", type=click.IntRange(min=0), default=EXTERNAL_DATA_THRESHOLD,
-              show_default=True, metavar="BYTES",
-              help="A stage with more weight bytes than this keeps them in <stage>.onnx.data files (ONNX files "
-                   "stop at 2 GB); 0 writes every stage so.")
-@click.option("--record-source-path", is_flag=True, help="Also record the run's absolute path in the manifest "
-              "(by default only its folder name and config hash).")
+@click.option(
+    "--text-encoder", type=click.Path(), default=None, help="Local T5 folder (needed for MinImagen directories)."
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(list(SAMPLERS)),
+    default="ddpm",
+    show_default=True,
+    help="The bundle's default sampler.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The bundle's default steps per Unet (default: every trained timestep).",
+)
+@click.option(
+    "--sr-strength",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="The bundle's default share of steps a super-resolution Unet runs from its noised "
+    "upsampled input (1: from pure noise).",
+)
+@click.option(
+    "--external-data-threshold",
+    type=click.IntRange(min=0),
+    default=EXTERNAL_DATA_THRESHOLD,
+    show_default=True,
+    metavar="BYTES",
+    help="A stage with more weight bytes than this keeps them in <stage>.onnx.data files (ONNX files "
+    "stop at 2 GB); 0 writes every stage so.",
+)
+@click.option(
+    "--record-source-path",
+    is_flag=True,
+    help="Also record the run's absolute path in the manifest (by default only its folder name and config hash).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing bundle; also write one that fails parity.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, tensorrt, version_compatible, weights, max_batch, opset, text_encoder, sampler, steps,
-         sr_strength, external_data_threshold, record_source_path, force, quiet, debug):
+def main(
+    ckpt,
+    out,
+    fp16,
+    tensorrt,
+    version_compatible,
+    weights,
+    max_batch,
+    opset,
+    text_encoder,
+    sampler,
+    steps,
+    sr_strength,
+    external_data_threshold,
+    record_source_path,
+    force,
+    quiet,
+    debug,
+):
     """Export a trained cascade to an ONNX bundle (and TensorRT engines)."""
 
     def report(message):
@@ -54,14 +107,30 @@ def main(ckpt, out, fp16, tensorrt, version_compatible, weights, max_batch, opse
     # A failed export of the user's checkpoint (ExportError: parity, an ONNX check, a mismatched
     # text encoder) is theirs to act on, like a bad path.
     engines = {"tensorrt_version_compatible": True} if version_compatible else {}
-    run_command(lambda: export_bundle(ckpt, out, fp16=fp16, tensorrt=tensorrt or version_compatible, weights=weights,
-                                      max_batch=max_batch, **engines,
-                                      opset=opset, text_encoder=text_encoder, force=force, sampler=sampler,
-                                      steps=steps, sr_strength=sr_strength,
-                                      external_data_threshold=external_data_threshold,
-                                      record_source_path=record_source_path, report=report),
-                debug=debug, prefix=PREFIX, user_errors=(ExportError,),
-                interrupted="interrupted; nothing was written")
+    run_command(
+        lambda: export_bundle(
+            ckpt,
+            out,
+            fp16=fp16,
+            tensorrt=tensorrt or version_compatible,
+            weights=weights,
+            max_batch=max_batch,
+            **engines,
+            opset=opset,
+            text_encoder=text_encoder,
+            force=force,
+            sampler=sampler,
+            steps=steps,
+            sr_strength=sr_strength,
+            external_data_threshold=external_data_threshold,
+            record_source_path=record_source_path,
+            report=report,
+        ),
+        debug=debug,
+        prefix=PREFIX,
+        user_errors=(ExportError,),
+        interrupted="interrupted; nothing was written",
+    )
 
 
 if __name__ == "__main__":

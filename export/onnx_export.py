@@ -37,8 +37,15 @@ class UnetStage(nn.Module):
         self.unet = unet
 
     def forward(self, x, time, text_embeds, text_mask, text_keep, lowres_cond_img=None, lowres_noise_times=None):
-        return self.unet(x, time, text_embeds=text_embeds, text_mask=text_mask, text_keep=text_keep,
-                         lowres_cond_img=lowres_cond_img, lowres_noise_times=lowres_noise_times)
+        return self.unet(
+            x,
+            time,
+            text_embeds=text_embeds,
+            text_mask=text_mask,
+            text_keep=text_keep,
+            lowres_cond_img=lowres_cond_img,
+            lowres_noise_times=lowres_noise_times,
+        )
 
 
 class TextEncoderStage(nn.Module):
@@ -70,8 +77,15 @@ def _quiet():
             lg.setLevel(level)
 
 
-def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset: int = 18, *,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, **input_kwargs) -> list[Path]:
+def export_stage(
+    module: nn.Module,
+    signature: StageSignature,
+    path: Path,
+    opset: int = 18,
+    *,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    **input_kwargs,
+) -> list[Path]:
     """Exports `module` to `path`; returns the files written: the model, then its external data files.
 
     Weights go to `<name>.onnx.data` when they exceed `external_data_threshold` bytes (torch also
@@ -85,9 +99,16 @@ def export_stage(module: nn.Module, signature: StageSignature, path: Path, opset
     large = weight_bytes(module) > external_data_threshold
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(module, example, dynamo=True, input_names=signature.input_names,
-                                        output_names=signature.output_names, dynamic_shapes=dynamic_shapes,
-                                        opset_version=opset, optimize=True)
+            program = torch.onnx.export(
+                module,
+                example,
+                dynamo=True,
+                input_names=signature.input_names,
+                output_names=signature.output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                optimize=True,
+            )
             _strip_stack_traces(program.model)
             program.save(str(path), external_data=large)
     except Exception as error:
@@ -138,10 +159,17 @@ def external_data_files(path: Path) -> list[Path]:
             continue
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
         file = path.parent / location
-        if not location or Path(location).is_absolute() or ".." in Path(location).parts \
-                or not file.resolve().is_relative_to(folder) or not file.is_file():
-            raise ExportError(f"{path.name}: tensor {tensor.name} reads external data {location!r}, which is not a "
-                              f"file inside {path.parent}")
+        if (
+            not location
+            or Path(location).is_absolute()
+            or ".." in Path(location).parts
+            or not file.resolve().is_relative_to(folder)
+            or not file.is_file()
+        ):
+            raise ExportError(
+                f"{path.name}: tensor {tensor.name} reads external data {location!r}, which is not a "
+                f"file inside {path.parent}"
+            )
         if file not in files:
             files.append(file)
     return files
@@ -255,8 +283,15 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a64 - b64) / (denominator if denominator > 0 else 1.0))
 
 
-def measure_parity(module: nn.Module, signature: StageSignature, path: Path, batch_sizes=(1, 3),
-                   seed: int = 0, threads: int | None = None, **input_kwargs) -> list[float]:
+def measure_parity(
+    module: nn.Module,
+    signature: StageSignature,
+    path: Path,
+    batch_sizes=(1, 3),
+    seed: int = 0,
+    threads: int | None = None,
+    **input_kwargs,
+) -> list[float]:
     """Relative error of ONNX Runtime (CPU) against the PyTorch stage, per batch size."""
     import onnxruntime as ort
 
@@ -272,7 +307,8 @@ def measure_parity(module: nn.Module, signature: StageSignature, path: Path, bat
             expected = module(*to_torch(feeds, signature)).numpy()
         (got,) = session.run(signature.output_names, feeds)
         if got.shape != expected.shape:
-            raise ExportError(f"{signature.name}: ONNX output shape {got.shape} != reference {expected.shape} "
-                              f"at batch {batch}")
+            raise ExportError(
+                f"{signature.name}: ONNX output shape {got.shape} != reference {expected.shape} at batch {batch}"
+            )
         errors.append(relative_error(got, expected))
     return errors

@@ -27,13 +27,31 @@ from .onnx_export import ExportError, relative_error
 # names this project needs. Tests check them against the TensorRT 10.x and 11.x bindings and check
 # that the code uses no other.
 BUILDER_NAMES = (
-    "Logger", "Logger.WARNING", "Builder", "Builder.create_network", "Builder.create_builder_config",
-    "Builder.create_optimization_profile", "Builder.build_serialized_network", "NetworkDefinitionCreationFlag",
-    "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "OnnxParser", "OnnxParser.parse_from_file",
-    "OnnxParser.num_errors", "OnnxParser.get_error", "MemoryPoolType", "MemoryPoolType.WORKSPACE", "BuilderFlag",
-    "BuilderFlag.VERSION_COMPATIBLE", "BuilderFlag.EXCLUDE_LEAN_RUNTIME", "IBuilderConfig.set_memory_pool_limit",
-    "IBuilderConfig.set_flag", "IBuilderConfig.create_timing_cache", "IBuilderConfig.set_timing_cache",
-    "IBuilderConfig.get_timing_cache", "IBuilderConfig.add_optimization_profile", "IOptimizationProfile.set_shape",
+    "Logger",
+    "Logger.WARNING",
+    "Builder",
+    "Builder.create_network",
+    "Builder.create_builder_config",
+    "Builder.create_optimization_profile",
+    "Builder.build_serialized_network",
+    "NetworkDefinitionCreationFlag",
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+    "OnnxParser",
+    "OnnxParser.parse_from_file",
+    "OnnxParser.num_errors",
+    "OnnxParser.get_error",
+    "MemoryPoolType",
+    "MemoryPoolType.WORKSPACE",
+    "BuilderFlag",
+    "BuilderFlag.VERSION_COMPATIBLE",
+    "BuilderFlag.EXCLUDE_LEAN_RUNTIME",
+    "IBuilderConfig.set_memory_pool_limit",
+    "IBuilderConfig.set_flag",
+    "IBuilderConfig.create_timing_cache",
+    "IBuilderConfig.set_timing_cache",
+    "IBuilderConfig.get_timing_cache",
+    "IBuilderConfig.add_optimization_profile",
+    "IOptimizationProfile.set_shape",
     "ITimingCache.serialize",
 )
 TENSORRT_NAMES = tuple(dict.fromkeys(BUILDER_NAMES + RUNTIME_NAMES))
@@ -52,9 +70,11 @@ class EngineCheckError(EngineError):
 
     def __init__(self, stage: str, rel_error: float, tolerance: float, batch: int):
         self.stage, self.rel_error, self.tolerance, self.batch = stage, rel_error, tolerance, batch
-        super().__init__(f"{stage}: the TensorRT engine differs from ONNX Runtime (CPU) on the same inputs: relative "
-                         f"error {rel_error:.3e} > tolerance {tolerance:.0e} at batch {batch}; the engine was not "
-                         "written. Rebuild with another TensorRT version, or drop --tensorrt")
+        super().__init__(
+            f"{stage}: the TensorRT engine differs from ONNX Runtime (CPU) on the same inputs: relative "
+            f"error {rel_error:.3e} > tolerance {tolerance:.0e} at batch {batch}; the engine was not "
+            "written. Rebuild with another TensorRT version, or drop --tensorrt"
+        )
 
 
 class Target(NamedTuple):
@@ -78,8 +98,10 @@ def tensorrt_target() -> Target:
     except BackendError as error:
         raise TensorRTUnavailable(str(error)) from error
     if getattr(trt, "Builder", None) is None:
-        raise TensorRTUnavailable(f"only the lean TensorRT runtime {version} is installed here, which runs engines "
-                                  "but cannot build them; install tensorrt to build")
+        raise TensorRTUnavailable(
+            f"only the lean TensorRT runtime {version} is installed here, which runs engines "
+            "but cannot build them; install tensorrt to build"
+        )
     return Target(trt, capability, version, name)
 
 
@@ -93,8 +115,15 @@ def network_flags(trt) -> int:
     return 0 if strongly_typed is None else 1 << int(strongly_typed)
 
 
-def build_engine(onnx_path: Path, signature: StageSignature, plan_path: Path, timing_cache: Path, *,
-                 version_compatible: bool = False, workspace_gb: float = 4.0) -> None:
+def build_engine(
+    onnx_path: Path,
+    signature: StageSignature,
+    plan_path: Path,
+    timing_cache: Path,
+    *,
+    version_compatible: bool = False,
+    workspace_gb: float = 4.0,
+) -> None:
     """Parses `onnx_path` (external data beside it) into a strongly typed network and writes its engine.
     version_compatible: the engine runs on later TensorRT of the same major version and on the lean
     runtime; the lean runtime is left out of the plan (the loader allows the plan's host code)."""
@@ -119,15 +148,24 @@ def build_engine(onnx_path: Path, signature: StageSignature, plan_path: Path, ti
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineError(f"{signature.name}: TensorRT failed to build an engine from {onnx_path.name} (its log "
-                          "above says why)")
+        raise EngineError(
+            f"{signature.name}: TensorRT failed to build an engine from {onnx_path.name} (its log above says why)"
+        )
     plan_path.write_bytes(bytes(serialized))
     cache = config.get_timing_cache()
     timing_cache.write_bytes(bytes(cache.serialize()))
 
 
-def check_engine(plan_path: Path, onnx_path: Path, signature: StageSignature, tolerance: float, *,
-                 version_compatible: bool = False, input_kwargs: dict | None = None, seed: int = 0) -> float:
+def check_engine(
+    plan_path: Path,
+    onnx_path: Path,
+    signature: StageSignature,
+    tolerance: float,
+    *,
+    version_compatible: bool = False,
+    input_kwargs: dict | None = None,
+    seed: int = 0,
+) -> float:
     """The largest relative error of the engine against ONNX Runtime (CPU) on the same sample inputs,
     at the profile's smallest and largest batch; EngineCheckError above `tolerance` (or non-finite)."""
     import onnxruntime as ort
@@ -150,8 +188,9 @@ def check_engine(plan_path: Path, onnx_path: Path, signature: StageSignature, to
     return worst
 
 
-def build_engines(stages, entries: dict, staging: Path, say, *, tolerance: float,
-                  version_compatible: bool = False) -> TensorRTEntry | None:
+def build_engines(
+    stages, entries: dict, staging: Path, say, *, tolerance: float, version_compatible: bool = False
+) -> TensorRTEntry | None:
     """Builds and checks one engine per stage (objects with `name`, `signature`, `input_kwargs`) from
     the ONNX files that `entries` (StageEntry per stage) name inside `staging`; the manifest's entry,
     or None (said) when TensorRT or a GPU is missing. An engine that fails its check is not written."""
@@ -166,20 +205,38 @@ def build_engines(stages, entries: dict, staging: Path, say, *, tolerance: float
     for stage in stages:
         onnx_path, plan = staging / entries[stage.name].file.file, folder / f"{stage.name}.plan"
         partial = folder / f".{stage.name}.plan.partial"
-        say(f"{stage.name}: building TensorRT engine ({entries[stage.name].precision}"
-            f"{', version-compatible' if version_compatible else ''})")
+        say(
+            f"{stage.name}: building TensorRT engine ({entries[stage.name].precision}"
+            f"{', version-compatible' if version_compatible else ''})"
+        )
         try:
-            build_engine(onnx_path, stage.signature, partial, folder / "timing.cache",
-                         version_compatible=version_compatible)
-            errors[stage.name] = check_engine(partial, onnx_path, stage.signature, tolerance,
-                                              version_compatible=version_compatible, input_kwargs=stage.input_kwargs)
+            build_engine(
+                onnx_path, stage.signature, partial, folder / "timing.cache", version_compatible=version_compatible
+            )
+            errors[stage.name] = check_engine(
+                partial,
+                onnx_path,
+                stage.signature,
+                tolerance,
+                version_compatible=version_compatible,
+                input_kwargs=stage.input_kwargs,
+            )
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         os.replace(partial, plan)
-        say(f"{stage.name}: engine rel. error {errors[stage.name]:.2e} against ONNX Runtime (tolerance "
-            f"{tolerance:.0e}) ok")
+        say(
+            f"{stage.name}: engine rel. error {errors[stage.name]:.2e} against ONNX Runtime (tolerance "
+            f"{tolerance:.0e}) ok"
+        )
         engines[stage.name] = FileEntry(plan.relative_to(staging).as_posix(), plan.stat().st_size, sha256_file(plan))
-    return TensorRTEntry(folder.relative_to(staging).as_posix(), target.compute_capability, target.version, engines,
-                         gpu_name=target.gpu_name, version_compatible=version_compatible, max_rel_error=errors,
-                         tolerance=tolerance)
+    return TensorRTEntry(
+        folder.relative_to(staging).as_posix(),
+        target.compute_capability,
+        target.version,
+        engines,
+        gpu_name=target.gpu_name,
+        version_compatible=version_compatible,
+        max_rel_error=errors,
+        tolerance=tolerance,
+    )

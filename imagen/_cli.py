@@ -49,8 +49,12 @@ def run_command(
     except Exception as error:  # noqa: BLE001 - every failure becomes one line; the status tells them apart
         if is_user_error(error, user_errors):
             _fail(prefix, "error: " + (str(error) or type(error).__name__), EXIT_USER_ERROR, debug)
-        _fail(prefix, f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
-              EXIT_UNEXPECTED, debug)
+        _fail(
+            prefix,
+            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            EXIT_UNEXPECTED,
+            debug,
+        )
 
 
 def is_user_error(error: BaseException, extra: tuple = ()) -> bool:

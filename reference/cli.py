@@ -22,11 +22,20 @@ def _int_list(value: str | None) -> tuple | None:
 
 
 @command("imagen-train", PREFIX)
-@click.option("--dataset", default="shapes", show_default=True,
-              help="'shapes' (built in) or a folder of images with manifest.jsonl / .csv (file, caption).")
+@click.option(
+    "--dataset",
+    default="shapes",
+    show_default=True,
+    help="'shapes' (built in) or a folder of images with manifest.jsonl / .csv (file, caption).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--unet", "unets", multiple=True, help="Unet preset (Base, Super, BaseTest, SuperTest) or a JSON "
-              "file of Unet parameters, once per stage. Default: BaseTest, SuperTest.")
+@click.option(
+    "--unet",
+    "unets",
+    multiple=True,
+    help="Unet preset (Base, Super, BaseTest, SuperTest) or a JSON "
+    "file of Unet parameters, once per stage. Default: BaseTest, SuperTest.",
+)
 @click.option("--dim", type=int, default=None, help="Override every Unet's dim.")
 @click.option("--image-sizes", default="32,64", show_default=True, help="Image size per Unet.")
 @click.option("--timesteps", type=int, default=1000, show_default=True)
@@ -37,45 +46,113 @@ def _int_list(value: str | None) -> tuple | None:
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--cond-drop-prob", type=float, default=0.1, show_default=True)
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Default guidance scale for sampling.")
-@click.option("--text-encoder", default="tiny", show_default=True,
-              help="'tiny' (offline byte-level T5, random) or a local T5 folder.")
+@click.option(
+    "--text-encoder",
+    default="tiny",
+    show_default=True,
+    help="'tiny' (offline byte-level T5, random) or a local T5 folder.",
+)
 @click.option("--max-length", type=int, default=64, show_default=True, help="Text tokens per prompt.")
 @click.option("--train-unets", default=None, help="Comma-separated Unet indices to train (default: all).")
-@click.option("--lowres-max-noise", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="Super-resolution training: low-res noise augmentation times drawn below this fraction of T.")
+@click.option(
+    "--lowres-max-noise",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Super-resolution training: low-res noise augmentation times drawn below this fraction of T.",
+)
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--val-every", type=int, default=200, show_default=True)
 @click.option("--checkpoint-every", type=int, default=200, show_default=True)
 @click.option("--sample-every", type=int, default=None, help="Sample grid interval (0: none).")
-@click.option("--preview-sampler", type=click.Choice(list(SAMPLERS)), default=TrainConfig.preview_sampler,
-              show_default=True, help="Sampler of the sample grids.")
-@click.option("--preview-steps", type=click.IntRange(min=1), default=TrainConfig.preview_steps, show_default=True,
-              help="Sample grid steps per Unet (capped at its timesteps).")
+@click.option(
+    "--preview-sampler",
+    type=click.Choice(list(SAMPLERS)),
+    default=TrainConfig.preview_sampler,
+    show_default=True,
+    help="Sampler of the sample grids.",
+)
+@click.option(
+    "--preview-steps",
+    type=click.IntRange(min=1),
+    default=TrainConfig.preview_steps,
+    show_default=True,
+    help="Sample grid steps per Unet (capped at its timesteps).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Delete an existing --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(dataset, out, unets, dim, image_sizes, timesteps, schedule, batch_size, steps, epochs, lr, cond_drop_prob,
-         guidance, text_encoder, max_length, train_unets, lowres_max_noise, ema_decay, grad_accum, val_every,
-         checkpoint_every, sample_every, preview_sampler, preview_steps, seed, threads, resume, force, quiet, debug):
+def main(
+    dataset,
+    out,
+    unets,
+    dim,
+    image_sizes,
+    timesteps,
+    schedule,
+    batch_size,
+    steps,
+    epochs,
+    lr,
+    cond_drop_prob,
+    guidance,
+    text_encoder,
+    max_length,
+    train_unets,
+    lowres_max_noise,
+    ema_decay,
+    grad_accum,
+    val_every,
+    checkpoint_every,
+    sample_every,
+    preview_sampler,
+    preview_steps,
+    seed,
+    threads,
+    resume,
+    force,
+    quiet,
+    debug,
+):
     """Train an Imagen cascade (PyTorch reference) into a run directory."""
 
     def run():
         sizes = _int_list(image_sizes)
         config = TrainConfig(
-            out=out, dataset=dataset, unets=tuple(unets) or ("BaseTest", "SuperTest")[: len(sizes)],
-            unet_overrides={"dim": dim} if dim else {}, image_sizes=sizes, timesteps=timesteps,
-            schedule=schedule, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr,
-            cond_drop_prob=cond_drop_prob, guidance_scale=guidance, text_encoder=text_encoder,
-            max_length=max_length, train_unets=_int_list(train_unets), lowres_max_noise_level=lowres_max_noise,
+            out=out,
+            dataset=dataset,
+            unets=tuple(unets) or ("BaseTest", "SuperTest")[: len(sizes)],
+            unet_overrides={"dim": dim} if dim else {},
+            image_sizes=sizes,
+            timesteps=timesteps,
+            schedule=schedule,
+            batch_size=batch_size,
+            steps=steps,
+            epochs=epochs,
+            lr=lr,
+            cond_drop_prob=cond_drop_prob,
+            guidance_scale=guidance,
+            text_encoder=text_encoder,
+            max_length=max_length,
+            train_unets=_int_list(train_unets),
+            lowres_max_noise_level=lowres_max_noise,
             ema_decay=ema_decay,
-            grad_accum=grad_accum, val_every=val_every, checkpoint_every=checkpoint_every,
-            sample_every=sample_every, preview_sampler=preview_sampler, preview_steps=preview_steps, seed=seed,
-            threads=threads, resume=resume, force=force,
-            progress=False if quiet else None)
+            grad_accum=grad_accum,
+            val_every=val_every,
+            checkpoint_every=checkpoint_every,
+            sample_every=sample_every,
+            preview_sampler=preview_sampler,
+            preview_steps=preview_steps,
+            seed=seed,
+            threads=threads,
+            resume=resume,
+            force=force,
+            progress=False if quiet else None,
+        )
         return train(config)
 
     summary = run_command(run, debug=debug, prefix=PREFIX)  # Ctrl-C: TrainingInterrupted says where it saved

@@ -69,16 +69,20 @@ class FolderData:
                 continue
             self.items.append((path, caption.strip()))
         if not self.items:
-            raise DataError(f"{self.root} has no usable rows (skipped: {self.skipped}); each row needs an "
-                            "existing image `file` (relative to the folder) and a non-empty `caption`")
+            raise DataError(
+                f"{self.root} has no usable rows (skipped: {self.skipped}); each row needs an "
+                "existing image `file` (relative to the folder) and a non-empty `caption`"
+            )
 
     def _skip(self, reason: str):
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def _read_manifest(self) -> list[dict]:
         if not self.root.is_dir():
-            raise DataError(f"{self.root} is not a folder; --dataset takes 'shapes' or a folder of images "
-                            "with a manifest.jsonl or a .csv of file,caption rows")
+            raise DataError(
+                f"{self.root} is not a folder; --dataset takes 'shapes' or a folder of images "
+                "with a manifest.jsonl or a .csv of file,caption rows"
+            )
         jsonl = [p for p in (self.root / "manifest.jsonl", self.root / "captions.jsonl") if p.is_file()]
         if jsonl:
             rows = []
@@ -96,8 +100,7 @@ class FolderData:
         if csvs:
             with open(csvs[0], newline="", encoding="utf-8", errors="replace") as f:
                 return list(csv.DictReader(f))
-        raise DataError(f"{self.root} has no manifest.jsonl or .csv; write one row per image with "
-                        "`file` and `caption`")
+        raise DataError(f"{self.root} has no manifest.jsonl or .csv; write one row per image with `file` and `caption`")
 
     def __len__(self):
         return len(self.items)

@@ -20,8 +20,10 @@ def make_betas(kind: str, timesteps: int) -> np.ndarray:
         scale = 1000 / timesteps
         betas = np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
         if betas[-1] >= 1:
-            raise ValueError(f"the linear schedule needs timesteps > 20 (beta_T = {betas[-1]:.3f} >= 1 "
-                             f"at timesteps={timesteps}); use more timesteps or --schedule cosine")
+            raise ValueError(
+                f"the linear schedule needs timesteps > 20 (beta_T = {betas[-1]:.3f} >= 1 "
+                f"at timesteps={timesteps}); use more timesteps or --schedule cosine"
+            )
         return betas
     if kind == "cosine":
         s = 0.008
@@ -80,25 +82,35 @@ class GaussianDiffusion(nn.Module):
         """int(level * T): the timestep of a noise level in [0, 1] (the low-res augmentation's, as MinImagen)."""
         return int(level * self.num_timesteps)
 
-    def sample_random_times(self, batch: int, generator: torch.Generator | None = None, device=None,
-                            max_level: float = 1.0):
+    def sample_random_times(
+        self, batch: int, generator: torch.Generator | None = None, device=None, max_level: float = 1.0
+    ):
         """Uniform integer times in [0, max(1, int(max_level * T)))."""
         high = max(1, int(max_level * self.num_timesteps))
         return torch.randint(0, high, (batch,), generator=generator, device=device)
 
     def q_sample(self, x0, t, noise):
         """DDPM eq. 4: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
-        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (
+            self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def predict_start_from_noise(self, x_t, t, noise):
         """Inverts q_sample for x0 given the predicted noise (DDPM eq. 15)."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
+        return (
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise
+        )
 
     def q_posterior(self, x0, x_t, t):
         """DDPM eqs. 6-7: mean, variance and clipped log variance of q(x_{t-1} | x_t, x0)."""
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x0
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return (mean, self._extract(self.posterior_variance, t, x_t),
-                self._extract(self.posterior_log_variance_clipped, t, x_t))
+        mean = (
+            self._extract(self.posterior_mean_coef1, t, x_t) * x0
+            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
+        )
+        return (
+            mean,
+            self._extract(self.posterior_variance, t, x_t),
+            self._extract(self.posterior_log_variance_clipped, t, x_t),
+        )

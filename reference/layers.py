@@ -143,8 +143,15 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Attention from image tokens to conditioning tokens, with a learned null key/value."""
 
-    def __init__(self, dim: int, *, context_dim: int | None = None, dim_head: int = 64, heads: int = 8,
-                 norm_context: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        context_dim: int | None = None,
+        dim_head: int = 64,
+        heads: int = 8,
+        norm_context: bool = False,
+    ):
         super().__init__()
         self.scale = dim_head**-0.5
         self.heads = heads
@@ -190,8 +197,9 @@ class Block(nn.Module):
 class ResnetBlock(nn.Module):
     """Two Blocks with a residual, time conditioning by scale-shift, optional cross-attention."""
 
-    def __init__(self, dim: int, dim_out: int, *, cond_dim: int | None = None,
-                 time_cond_dim: int | None = None, groups: int = 8):
+    def __init__(
+        self, dim: int, dim_out: int, *, cond_dim: int | None = None, time_cond_dim: int | None = None, groups: int = 8
+    ):
         super().__init__()
         self.time_mlp = None
         if time_cond_dim is not None:
@@ -229,8 +237,9 @@ def ChanFeedForward(dim: int, mult: int = 2) -> nn.Sequential:
 class TransformerBlock(nn.Module):
     """Self-attention over all pixels, then a 1x1-conv feed-forward, both residual."""
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 32, ff_mult: int = 2,
-                 context_dim: int | None = None):
+    def __init__(
+        self, dim: int, *, heads: int = 8, dim_head: int = 32, ff_mult: int = 2, context_dim: int | None = None
+    ):
         super().__init__()
         self.attn = ToTokens(Attention(dim=dim, heads=heads, dim_head=dim_head, context_dim=context_dim))
         self.ff = ChanFeedForward(dim=dim, mult=ff_mult)
@@ -243,8 +252,7 @@ class TransformerBlock(nn.Module):
 class CrossEmbedLayer(nn.Module):
     """Inception-like stem: convolutions of several kernel sizes, concatenated on channels."""
 
-    def __init__(self, dim_in: int, kernel_sizes: tuple[int, ...], dim_out: int | None = None,
-                 stride: int = 2):
+    def __init__(self, dim_in: int, kernel_sizes: tuple[int, ...], dim_out: int | None = None, stride: int = 2):
         super().__init__()
         dim_out = dim_in if dim_out is None else dim_out
         kernel_sizes = sorted(kernel_sizes)

@@ -63,8 +63,14 @@ class ByteTokenizer:
         return input_ids, attention_mask, truncated
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "max_length": self.max_length, "pad_id": self.pad_id,
-                "eos_id": self.eos_id, "offset": self.offset, "files": {}}
+        return {
+            "kind": self.kind,
+            "max_length": self.max_length,
+            "pad_id": self.pad_id,
+            "eos_id": self.eos_id,
+            "offset": self.offset,
+            "files": {},
+        }
 
 
 class SentencePieceTokenizer(ByteTokenizer):
@@ -75,8 +81,7 @@ class SentencePieceTokenizer(ByteTokenizer):
     kind = "sentencepiece"
     offset = 0
 
-    def __init__(self, model_file: str | Path, max_length: int, pad_id: int = 0, eos_id: int = 1,
-                 extra_ids: int = 0):
+    def __init__(self, model_file: str | Path, max_length: int, pad_id: int = 0, eos_id: int = 1, extra_ids: int = 0):
         super().__init__(max_length)
         import sentencepiece
 
@@ -107,7 +112,7 @@ class SentencePieceTokenizer(ByteTokenizer):
             special = self.special_id(match)
             if special is None:  # <extra_id_N> with N >= extra_ids is text
                 continue
-            ids += self.processor.encode(text[start:match.start()].translate(self.spaces))
+            ids += self.processor.encode(text[start : match.start()].translate(self.spaces))
             ids.append(special)
             start = match.end()
         return ids + self.processor.encode(text[start:].translate(self.spaces))
@@ -138,8 +143,10 @@ def read_settings(path: Path) -> dict | None:
         if name == OLD_TOKENIZER_FILE and _is_transformers_tokenizer(data):
             return None
         if not isinstance(data, dict) or data.get("kind") not in KINDS:
-            raise TextEncoderError(f"{file} is neither this project's tokenizer settings (kind: {' or '.join(KINDS)}) "
-                                   "nor a transformers tokenizer.json; remove it or save the folder again")
+            raise TextEncoderError(
+                f"{file} is neither this project's tokenizer settings (kind: {' or '.join(KINDS)}) "
+                "nor a transformers tokenizer.json; remove it or save the folder again"
+            )
         for key in ("max_length", "extra_ids"):
             value = data.get(key, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -159,8 +166,10 @@ def transformers_extra_ids(path: Path, tokenizer: SentencePieceTokenizer) -> int
         others = sorted(str(t) for t in added if t not in extras and t not in tokenizer.special)
         pieces = tokenizer.pieces
         if others or any(i != pieces + len(extras) - 1 - int(EXTRA_ID.fullmatch(t)[1]) for t, i in extras.items()):
-            raise TextEncoderError(f"{file} adds tokens unlike T5's tokenizer ({', '.join(others) or 'extra ids'}); "
-                                   f"this project reproduces only <extra_id_N> with id {pieces} + count - 1 - N")
+            raise TextEncoderError(
+                f"{file} adds tokens unlike T5's tokenizer ({', '.join(others) or 'extra ids'}); "
+                f"this project reproduces only <extra_id_N> with id {pieces} + count - 1 - N"
+            )
         return len(extras)
     config = path / HF_TOKENIZER_CONFIG
     value = _read_json(config).get("extra_ids", T5_EXTRA_IDS) if config.is_file() else T5_EXTRA_IDS
@@ -176,10 +185,12 @@ def folder_tokenizer(path: Path, settings: dict | None, max_length: int | None, 
         return ByteTokenizer(max_length or settings.get("max_length", 0))
     spiece = path / "spiece.model"
     if not spiece.is_file():
-        raise TextEncoderError(f"{path} has no spiece.model; a T5 folder needs its sentencepiece vocabulary (the "
-                               "tokenizer's save_pretrained in transformers 5 does not write it): copy it from the "
-                               "model's repository, e.g. huggingface_hub.hf_hub_download(name, 'spiece.model', "
-                               "local_dir=folder)")
+        raise TextEncoderError(
+            f"{path} has no spiece.model; a T5 folder needs its sentencepiece vocabulary (the "
+            "tokenizer's save_pretrained in transformers 5 does not write it): copy it from the "
+            "model's repository, e.g. huggingface_hub.hf_hub_download(name, 'spiece.model', "
+            "local_dir=folder)"
+        )
     length = max_length or (settings or {}).get("max_length", DEFAULT_MAX_LENGTH)
     plain = SentencePieceTokenizer(spiece, length)
     has_own = settings is not None and "extra_ids" in settings
@@ -199,9 +210,18 @@ def _quiet_transformers() -> None:
 def tiny_t5_config(vocab_size: int = 384, d_model: int = 128, num_layers: int = 2, num_heads: int = 4):
     from transformers import T5Config
 
-    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
-                    num_layers=num_layers, num_heads=num_heads, dropout_rate=0.0,
-                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
 
 
 class TextEncoder(nn.Module):
@@ -234,8 +254,10 @@ class TextEncoder(nn.Module):
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise TextEncoderError(f"{path} is not a T5 folder (no config.json); pass a folder saved with "
-                                   "save_pretrained, e.g. a local copy of t5-small")
+            raise TextEncoderError(
+                f"{path} is not a T5 folder (no config.json); pass a folder saved with "
+                "save_pretrained, e.g. a local copy of t5-small"
+            )
         settings = read_settings(path)
         _quiet_transformers()
         try:

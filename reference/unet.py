@@ -63,17 +63,34 @@ class UnetConfig:
 
 PRESETS: dict[str, dict] = {
     # Imagen's base and super-resolution numbers, as MinImagen gives them.
-    "Base": dict(dim=512, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3,
-                 layer_attns=(False, True, True, True), layer_cross_attns=(False, True, True, True),
-                 memory_efficient=False),
-    "Super": dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 8, 8),
-                  layer_attns=(False, False, False, True), layer_cross_attns=(False, False, False, True),
-                  memory_efficient=True),
+    "Base": dict(
+        dim=512,
+        dim_mults=(1, 2, 3, 4),
+        num_resnet_blocks=3,
+        layer_attns=(False, True, True, True),
+        layer_cross_attns=(False, True, True, True),
+        memory_efficient=False,
+    ),
+    "Super": dict(
+        dim=128,
+        dim_mults=(1, 2, 4, 8),
+        num_resnet_blocks=(2, 4, 8, 8),
+        layer_attns=(False, False, False, True),
+        layer_cross_attns=(False, False, False, True),
+        memory_efficient=True,
+    ),
     # Test sizes. Upstream merges Base/Super defaults into these by mistake; ours are their own.
-    "BaseTest": dict(dim=8, dim_mults=(1, 2), num_resnet_blocks=1, layer_attns=False,
-                     layer_cross_attns=False, memory_efficient=False),
-    "SuperTest": dict(dim=8, dim_mults=(1, 2), num_resnet_blocks=(1, 2), layer_attns=False,
-                      layer_cross_attns=False, memory_efficient=True),
+    "BaseTest": dict(
+        dim=8, dim_mults=(1, 2), num_resnet_blocks=1, layer_attns=False, layer_cross_attns=False, memory_efficient=False
+    ),
+    "SuperTest": dict(
+        dim=8,
+        dim_mults=(1, 2),
+        num_resnet_blocks=(1, 2),
+        layer_attns=False,
+        layer_cross_attns=False,
+        memory_efficient=True,
+    ),
 }
 
 
@@ -97,13 +114,16 @@ class Unet(nn.Module):
         self._build_conditioning(config, cond_dim, time_cond_dim)
         self.channels = config.channels
         self.channels_out = config.channels if config.channels_out is None else config.channels_out
-        self.init_conv = CrossEmbedLayer(self.channels * (2 if lowres_cond else 1), dim_out=dim,
-                                         kernel_sizes=(3, 7, 15), stride=1)
+        self.init_conv = CrossEmbedLayer(
+            self.channels * (2 if lowres_cond else 1), dim_out=dim, kernel_sizes=(3, 7, 15), stride=1
+        )
         dims = [dim, *(dim * m for m in config.dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
         levels = len(in_out)
-        per_level = [_per_level(getattr(config, name), levels, name)
-                     for name in ("num_resnet_blocks", "layer_attns", "layer_cross_attns")]
+        per_level = [
+            _per_level(getattr(config, name), levels, name)
+            for name in ("num_resnet_blocks", "layer_attns", "layer_cross_attns")
+        ]
         self.skip_connect_scale = 2**-0.5
         skip_connect_dims = self._build_downs(config, in_out, per_level, cond_dim, time_cond_dim)
         self._build_middle(config, dims[-1], cond_dim, time_cond_dim)
@@ -120,8 +140,7 @@ class Unet(nn.Module):
         self.to_time_tokens = nn.Sequential(nn.Linear(time_cond_dim, cond_dim * NUM_TIME_TOKENS))
         self.lowres_cond = config.lowres_cond
         if config.lowres_cond:
-            self.to_lowres_time_hiddens = nn.Sequential(
-                SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.SiLU())
+            self.to_lowres_time_hiddens = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.SiLU())
             self.to_lowres_time_cond = nn.Sequential(nn.Linear(time_cond_dim, time_cond_dim))
             self.to_lowres_time_tokens = nn.Sequential(nn.Linear(time_cond_dim, cond_dim * NUM_TIME_TOKENS))
 
@@ -132,14 +151,18 @@ class Unet(nn.Module):
         self.null_text_embed = nn.Parameter(torch.randn(1, config.max_text_len, cond_dim))
         self.null_text_hidden = nn.Parameter(torch.randn(1, time_cond_dim))
         self.to_text_non_attn_cond = nn.Sequential(
-            nn.LayerNorm(cond_dim), nn.Linear(cond_dim, time_cond_dim), nn.SiLU(),
-            nn.Linear(time_cond_dim, time_cond_dim))
+            nn.LayerNorm(cond_dim),
+            nn.Linear(cond_dim, time_cond_dim),
+            nn.SiLU(),
+            nn.Linear(time_cond_dim, time_cond_dim),
+        )
 
     def _transformer(self, config: UnetConfig, level_dim: int, use: bool) -> nn.Module:
         return TransformerBlock(level_dim, heads=config.attn_heads, dim_head=ATTN_DIM_HEAD) if use else Identity()
 
-    def _build_downs(self, config: UnetConfig, in_out: list, per_level: list, cond_dim: int,
-                     time_cond_dim: int) -> list[int]:
+    def _build_downs(
+        self, config: UnetConfig, in_out: list, per_level: list, cond_dim: int, time_cond_dim: int
+    ) -> list[int]:
         """The downsampling path; returns the width of each level's skip connection."""
         groups, levels = RESNET_GROUPS, len(in_out)
         self.downs = nn.ModuleList()
@@ -154,30 +177,52 @@ class Unet(nn.Module):
             skip_connect_dims.append(current_dim)
             post_downsample = None
             if not config.memory_efficient:
-                post_downsample = (Downsample(current_dim, dim_out) if not is_last else Parallel(
-                    nn.Conv2d(dim_in, dim_out, 3, padding=1), nn.Conv2d(dim_in, dim_out, 1)))
-            self.downs.append(nn.ModuleList([
-                pre_downsample,
-                ResnetBlock(current_dim, current_dim, cond_dim=cond_dim if cross else None,
-                            time_cond_dim=time_cond_dim, groups=groups),
-                nn.ModuleList(ResnetBlock(current_dim, current_dim, time_cond_dim=time_cond_dim, groups=groups)
-                              for _ in range(n_blocks)),
-                self._transformer(config, current_dim, attn),
-                post_downsample,
-            ]))
+                post_downsample = (
+                    Downsample(current_dim, dim_out)
+                    if not is_last
+                    else Parallel(nn.Conv2d(dim_in, dim_out, 3, padding=1), nn.Conv2d(dim_in, dim_out, 1))
+                )
+            self.downs.append(
+                nn.ModuleList(
+                    [
+                        pre_downsample,
+                        ResnetBlock(
+                            current_dim,
+                            current_dim,
+                            cond_dim=cond_dim if cross else None,
+                            time_cond_dim=time_cond_dim,
+                            groups=groups,
+                        ),
+                        nn.ModuleList(
+                            ResnetBlock(current_dim, current_dim, time_cond_dim=time_cond_dim, groups=groups)
+                            for _ in range(n_blocks)
+                        ),
+                        self._transformer(config, current_dim, attn),
+                        post_downsample,
+                    ]
+                )
+            )
         return skip_connect_dims
 
     def _build_middle(self, config: UnetConfig, mid_dim: int, cond_dim: int, time_cond_dim: int) -> None:
         groups = RESNET_GROUPS
-        self.mid_block1 = ResnetBlock(mid_dim, mid_dim, cond_dim=cond_dim, time_cond_dim=time_cond_dim,
-                                      groups=groups)
-        self.mid_attn = (ToTokens(Residual(_Attention(mid_dim, heads=config.attn_heads, dim_head=ATTN_DIM_HEAD)))
-                         if config.attend_at_middle else None)
-        self.mid_block2 = ResnetBlock(mid_dim, mid_dim, cond_dim=cond_dim, time_cond_dim=time_cond_dim,
-                                      groups=groups)
+        self.mid_block1 = ResnetBlock(mid_dim, mid_dim, cond_dim=cond_dim, time_cond_dim=time_cond_dim, groups=groups)
+        self.mid_attn = (
+            ToTokens(Residual(_Attention(mid_dim, heads=config.attn_heads, dim_head=ATTN_DIM_HEAD)))
+            if config.attend_at_middle
+            else None
+        )
+        self.mid_block2 = ResnetBlock(mid_dim, mid_dim, cond_dim=cond_dim, time_cond_dim=time_cond_dim, groups=groups)
 
-    def _build_ups(self, config: UnetConfig, in_out: list, per_level: list, skip_connect_dims: list[int],
-                   cond_dim: int, time_cond_dim: int) -> None:
+    def _build_ups(
+        self,
+        config: UnetConfig,
+        in_out: list,
+        per_level: list,
+        skip_connect_dims: list[int],
+        cond_dim: int,
+        time_cond_dim: int,
+    ) -> None:
         """The upsampling path, mirroring the downsampling one, with its skip connections."""
         groups, levels = RESNET_GROUPS, len(in_out)
         self.ups = nn.ModuleList()
@@ -185,17 +230,38 @@ class Unet(nn.Module):
         for ind, ((dim_in, dim_out), n_blocks, attn, cross) in enumerate(reversed_levels):
             is_last = ind == levels - 1
             skip_dim = skip_connect_dims.pop()
-            self.ups.append(nn.ModuleList([
-                ResnetBlock(dim_out + skip_dim, dim_out, cond_dim=cond_dim if cross else None,
-                            time_cond_dim=time_cond_dim, groups=groups),
-                nn.ModuleList(ResnetBlock(dim_out + skip_dim, dim_out, time_cond_dim=time_cond_dim, groups=groups)
-                              for _ in range(n_blocks)),
-                self._transformer(config, dim_out, attn),
-                Upsample(dim_out, dim_in) if not is_last or config.memory_efficient else Identity(),
-            ]))
+            self.ups.append(
+                nn.ModuleList(
+                    [
+                        ResnetBlock(
+                            dim_out + skip_dim,
+                            dim_out,
+                            cond_dim=cond_dim if cross else None,
+                            time_cond_dim=time_cond_dim,
+                            groups=groups,
+                        ),
+                        nn.ModuleList(
+                            ResnetBlock(dim_out + skip_dim, dim_out, time_cond_dim=time_cond_dim, groups=groups)
+                            for _ in range(n_blocks)
+                        ),
+                        self._transformer(config, dim_out, attn),
+                        Upsample(dim_out, dim_in) if not is_last or config.memory_efficient else Identity(),
+                    ]
+                )
+            )
 
-    def forward(self, x, time, *, text_embeds=None, text_mask=None, text_keep=None,
-                lowres_cond_img=None, lowres_noise_times=None, cond_drop_prob: float = 0.0):
+    def forward(
+        self,
+        x,
+        time,
+        *,
+        text_embeds=None,
+        text_mask=None,
+        text_keep=None,
+        lowres_cond_img=None,
+        lowres_noise_times=None,
+        cond_drop_prob: float = 0.0,
+    ):
         """Predicts the noise in `x` (b, c, s, s) at `time` (b,).
 
         text_embeds (b, n, text_embed_dim), text_mask (b, n) bool, text_keep (b,) bool:

@@ -23,9 +23,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 def check_feeds(stage: StageSignature, feeds: dict) -> int:
     """The batch size of `feeds` if they match the signature, else SignatureError naming what differs."""
     if not isinstance(feeds, dict):
-        raise SignatureError(
-            f"{stage.name}: feeds must be a dict of name -> array, got {type(feeds).__name__}"
-        )
+        raise SignatureError(f"{stage.name}: feeds must be a dict of name -> array, got {type(feeds).__name__}")
     names = stage.input_names
     missing = [n for n in names if n not in feeds]
     extra = [n for n in feeds if n not in names]
@@ -35,9 +33,7 @@ def check_feeds(stage: StageSignature, feeds: dict) -> int:
     for spec in stage.inputs:
         array = feeds[spec.name]
         if not isinstance(array, np.ndarray):
-            raise SignatureError(
-                f"{stage.name}: input {spec.name} must be a numpy array, got {type(array).__name__}"
-            )
+            raise SignatureError(f"{stage.name}: input {spec.name} must be a numpy array, got {type(array).__name__}")
         if array.dtype != np.dtype(spec.dtype):
             raise SignatureError(f"{stage.name}: input {spec.name} must be {spec.dtype}, got {array.dtype}")
         if array.ndim != len(spec.shape):
@@ -50,9 +46,7 @@ def check_feeds(stage: StageSignature, feeds: dict) -> int:
                 if batch is None:
                     batch = got
                 elif got != batch:
-                    raise SignatureError(
-                        f"{stage.name}: input {spec.name} has batch {got}, other inputs have {batch}"
-                    )
+                    raise SignatureError(f"{stage.name}: input {spec.name} has batch {got}, other inputs have {batch}")
             elif want != got:
                 raise SignatureError(
                     f"{stage.name}: input {spec.name} dimension {axis} must be {want}, got {got} "
@@ -60,9 +54,7 @@ def check_feeds(stage: StageSignature, feeds: dict) -> int:
                 )
     batch = 1 if batch is None else batch
     if not 1 <= batch <= stage.batch_max:
-        raise SignatureError(
-            f"{stage.name}: batch {batch} is outside [1, {stage.batch_max}] (the bundle's max batch)"
-        )
+        raise SignatureError(f"{stage.name}: batch {batch} is outside [1, {stage.batch_max}] (the bundle's max batch)")
     return batch
 
 
@@ -102,9 +94,7 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         self.providers = onnxruntime_providers(providers)
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=self.providers
-            )
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
         except Exception as error:  # onnxruntime raises its own exception types
             raise BackendError(
                 f"onnxruntime cannot load {self.path} (stage {self.stage.name}): {error}; "
@@ -113,8 +103,7 @@ class OnnxRuntimeBackend:
         got = [i.name for i in self.session.get_inputs()]
         if sorted(got) != sorted(self.stage.input_names):
             raise BundleError(
-                f"{self.path} has inputs {got}, its manifest lists {self.stage.input_names}; "
-                "re-export the bundle"
+                f"{self.path} has inputs {got}, its manifest lists {self.stage.input_names}; re-export the bundle"
             )
 
     def run(self, feeds: dict) -> dict:
@@ -152,8 +141,9 @@ def choose_backend(bundle: Bundle, backend: str = "auto") -> tuple[Bundle, str]:
         return bundle, "onnxruntime"
 
 
-def open_backends(bundle: Bundle, backend: str = "auto", providers=None, threads: int | None = None
-                  ) -> tuple[dict, str]:
+def open_backends(
+    bundle: Bundle, backend: str = "auto", providers=None, threads: int | None = None
+) -> tuple[dict, str]:
     """One backend per stage of a verified bundle, and the name of the one chosen.
 
     backend: "onnxruntime"; "tensorrt" (the bundle's engines, on an NVIDIA GPU); "auto": TensorRT
@@ -172,6 +162,7 @@ def open_backends(bundle: Bundle, backend: str = "auto", providers=None, threads
                 )
             backends[name] = TensorRTBackend(bundle.path(entry), stage.signature, bundle.manifest.tensorrt)
         else:
-            backends[name] = OnnxRuntimeBackend(bundle.path(stage.file), stage.signature, providers=providers,
-                                                threads=threads)
+            backends[name] = OnnxRuntimeBackend(
+                bundle.path(stage.file), stage.signature, providers=providers, threads=threads
+            )
     return backends, chosen

@@ -19,11 +19,11 @@ from pathlib import Path, PurePosixPath
 from .contract import (
     MANIFEST,
     REEXPORT,
+    TEXT_ENCODER,
     FileEntry,
     Manifest,
     StageEntry,
     StageSignature,
-    TEXT_ENCODER,
     sha256_file,
     text_encoder_signature,
     unet_name,
@@ -157,12 +157,17 @@ def _check_signature(stage: StageEntry, expected: StageSignature, width: int) ->
             f"{where} expects text_embeds of width {embeds[0].shape[-1]}, but the text encoder produces width "
             f"{width}: the Unets and the text encoder do not belong together; {REEXPORT} from one run"
         )
-    for kind, got, wanted in (("inputs", listed.inputs, expected.inputs), ("outputs", listed.outputs, expected.outputs)):
+    for kind, got, wanted in (
+        ("inputs", listed.inputs, expected.inputs),
+        ("outputs", listed.outputs, expected.outputs),
+    ):
         if [s.name for s in got] != [s.name for s in wanted]:
             note = ""
             if is_unet:
-                note = (" (the base Unet takes no low-res inputs, super-resolution Unets take lowres_cond_img and "
-                        "lowres_noise_times)")
+                note = (
+                    " (the base Unet takes no low-res inputs, super-resolution Unets take lowres_cond_img and "
+                    "lowres_noise_times)"
+                )
             raise BundleError(
                 f"{where} has {kind} {[s.name for s in got]}, this runtime expects {[s.name for s in wanted]}{note}; "
                 f"{REEXPORT}"
@@ -182,14 +187,17 @@ def _check_stages(manifest: Manifest) -> None:
     for index, (stage, size) in enumerate(zip(manifest.unets, manifest.image_sizes, strict=True)):
         where = f"{stage.file.file} (stage {stage.name})"
         if stage.image_size is not None and stage.image_size != size:
-            raise BundleError(f"{where} has image_size {stage.image_size}, but image_sizes[{index}] is {size}; {REEXPORT}")
+            raise BundleError(
+                f"{where} has image_size {stage.image_size}, but image_sizes[{index}] is {size}; {REEXPORT}"
+            )
         if bool(stage.lowres_cond) != (index > 0):
             raise BundleError(
                 f"{where}: lowres_cond is {bool(stage.lowres_cond)}; the base Unet must have none and "
                 f"super-resolution Unets must have it; {REEXPORT}"
             )
-        expected = unet_signature(index, size, length, width, index > 0, stage.signature.batch_max // 2,
-                                  manifest.channels)
+        expected = unet_signature(
+            index, size, length, width, index > 0, stage.signature.batch_max // 2, manifest.channels
+        )
         _check_signature(stage, expected, width)
 
 
@@ -227,7 +235,9 @@ def _bundle_root(path) -> Path:
     if not path.exists():
         raise BundleError(f"{path} does not exist; pass the folder written by imagen-export")
     if not path.is_dir():
-        raise BundleError(f"{path} is not a bundle folder; pass the folder written by imagen-export (it holds {MANIFEST})")
+        raise BundleError(
+            f"{path} is not a bundle folder; pass the folder written by imagen-export (it holds {MANIFEST})"
+        )
     return path
 
 
@@ -270,9 +280,9 @@ def load_bundle(path, *, tensorrt_engines: bool = False) -> Bundle:
         else:
             _inside(root, entry.file, f"TensorRT engine {name}")
     schedules = _schedules(manifest)
-    default_settings = _default_settings(manifest, [schedules[unet_name(i)].num_timesteps for i in
-                                                    range(len(manifest.image_sizes))])
+    default_settings = _default_settings(
+        manifest, [schedules[unet_name(i)].num_timesteps for i in range(len(manifest.image_sizes))]
+    )
     _check_stages(manifest)
     checks.verify_hashes()
     return Bundle(root, manifest, hashlib.sha256(raw).hexdigest(), schedules, default_settings, checks.paths)
-

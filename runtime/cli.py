@@ -25,9 +25,7 @@ def slug(prompt: str, limit: int = 40) -> str:
     return text[:limit].rstrip("-") or "image"
 
 
-def output_paths(
-    count: int, prompts: list[str], per_prompt: int, out: str | None, out_dir: str | None
-) -> list[Path]:
+def output_paths(count: int, prompts: list[str], per_prompt: int, out: str | None, out_dir: str | None) -> list[Path]:
     if out is not None and out_dir is not None:
         raise ValueError("pass either -o/--out (one image) or --out-dir (several), not both")
     if out is not None:
@@ -68,9 +66,7 @@ class _Progress:
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = self._tqdm(
-                total=self.steps[stage], desc=self.names[stage], file=sys.stderr, leave=True
-            )
+            self.bar = self._tqdm(total=self.steps[stage], desc=self.names[stage], file=sys.stderr, leave=True)
         self.bar.update(1)
 
     def close(self):
@@ -81,9 +77,7 @@ class _Progress:
 
 @command("imagen-run", PREFIX)
 @click.argument("prompts", nargs=-1, required=True)
-@click.option(
-    "--bundle", "bundle", type=click.Path(), default=None, help="Bundle folder (default: built-in demo)."
-)
+@click.option("--bundle", "bundle", type=click.Path(), default=None, help="Bundle folder (default: built-in demo).")
 @click.option("-o", "--out", default=None, help="Output PNG for a single image.")
 @click.option("--out-dir", default=None, help="Folder for several images (default imagen-out/).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, reported).")
@@ -112,8 +106,24 @@ def main(debug, **options):
     run_command(lambda: _run(**options), debug=debug, prefix=PREFIX)
 
 
-def _run(prompts, bundle, out, out_dir, seed, steps, sampler, guidance, num_images, eta, sr_strength, backend,
-         threads, quiet, as_json, force):
+def _run(
+    prompts,
+    bundle,
+    out,
+    out_dir,
+    seed,
+    steps,
+    sampler,
+    guidance,
+    num_images,
+    eta,
+    sr_strength,
+    backend,
+    threads,
+    quiet,
+    as_json,
+    force,
+):
     prompts = list(prompts)
     from .pipeline import Pipeline
 

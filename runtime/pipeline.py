@@ -176,9 +176,16 @@ class Pipeline:
         array = to_uint8((x + np.float32(1)) / np.float32(2))
         timings["total"] = time.perf_counter() - start
         info = [
-            {"index": index, "prompt": prompts[index // repeat], "seed": seed, **settings.to_info(),
-             "truncated": truncated[index // repeat], "bundle_sha": self.bundle.short_sha,
-             "backend": self.backend_name, "timings": dict(timings)}
+            {
+                "index": index,
+                "prompt": prompts[index // repeat],
+                "seed": seed,
+                **settings.to_info(),
+                "truncated": truncated[index // repeat],
+                "bundle_sha": self.bundle.short_sha,
+                "backend": self.backend_name,
+                "timings": dict(timings),
+            }
             for index in range(array.shape[0])
         ]
         return Result(array, info)

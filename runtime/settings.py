@@ -114,5 +114,10 @@ class Settings:
 
     def to_info(self) -> dict:
         """The settings as they go into a result's info and PNG metadata."""
-        return {"sampler": self.sampler, "steps": list(self.steps), "guidance_scale": self.guidance_scale,
-                "eta": self.eta, "sr_strength": self.sr_strength}
+        return {
+            "sampler": self.sampler,
+            "steps": list(self.steps),
+            "guidance_scale": self.guidance_scale,
+            "eta": self.eta,
+            "sr_strength": self.sr_strength,
+        }

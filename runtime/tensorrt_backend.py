@@ -26,19 +26,50 @@ from .errors import BackendError, BundleError
 # Every TensorRT name this module uses ("Class.member" for members). Tests check that each exists
 # in the TensorRT 10.x and 11.x Python bindings, full and lean, and that the code uses no other.
 TENSORRT_NAMES = (
-    "__version__", "Logger", "Logger.ERROR", "Runtime", "Runtime.deserialize_cuda_engine",
-    "Runtime.engine_host_code_allowed", "ICudaEngine.num_io_tensors", "ICudaEngine.get_tensor_name",
-    "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_dtype", "ICudaEngine.create_execution_context",
-    "TensorIOMode", "TensorIOMode.INPUT", "DataType", "DataType.FLOAT", "DataType.HALF", "DataType.INT32",
-    "DataType.INT64", "DataType.BOOL", "IExecutionContext.set_input_shape", "IExecutionContext.get_tensor_shape",
-    "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+    "__version__",
+    "Logger",
+    "Logger.ERROR",
+    "Runtime",
+    "Runtime.deserialize_cuda_engine",
+    "Runtime.engine_host_code_allowed",
+    "ICudaEngine.num_io_tensors",
+    "ICudaEngine.get_tensor_name",
+    "ICudaEngine.get_tensor_mode",
+    "ICudaEngine.get_tensor_dtype",
+    "ICudaEngine.create_execution_context",
+    "TensorIOMode",
+    "TensorIOMode.INPUT",
+    "DataType",
+    "DataType.FLOAT",
+    "DataType.HALF",
+    "DataType.INT32",
+    "DataType.INT64",
+    "DataType.BOOL",
+    "IExecutionContext.set_input_shape",
+    "IExecutionContext.get_tensor_shape",
+    "IExecutionContext.set_tensor_address",
+    "IExecutionContext.execute_async_v3",
 )
 # The cuda-python runtime calls and enums this module uses.
 CUDART_NAMES = (
-    "cudaGetDeviceCount", "cudaGetDevice", "cudaGetDeviceProperties", "cudaMalloc", "cudaFree", "cudaStreamCreate",
-    "cudaStreamDestroy", "cudaStreamSynchronize", "cudaMemcpyAsync", "cudaMemcpyKind", "cudaStreamBeginCapture",
-    "cudaStreamEndCapture", "cudaStreamCaptureMode", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaGraphDestroy",
-    "cudaGraphExecDestroy", "cudaGetLastError",
+    "cudaGetDeviceCount",
+    "cudaGetDevice",
+    "cudaGetDeviceProperties",
+    "cudaMalloc",
+    "cudaFree",
+    "cudaStreamCreate",
+    "cudaStreamDestroy",
+    "cudaStreamSynchronize",
+    "cudaMemcpyAsync",
+    "cudaMemcpyKind",
+    "cudaStreamBeginCapture",
+    "cudaStreamEndCapture",
+    "cudaStreamCaptureMode",
+    "cudaGraphInstantiate",
+    "cudaGraphLaunch",
+    "cudaGraphDestroy",
+    "cudaGraphExecDestroy",
+    "cudaGetLastError",
 )
 LEAN = "tensorrt_lean"
 NO_GPU = "no NVIDIA GPU / CUDA driver visible"
@@ -54,8 +85,10 @@ def import_tensorrt():
         try:
             import tensorrt_lean as trt
         except ImportError as error:
-            raise BackendError(f"the tensorrt package is not installed ({INSTALL} on a machine with an NVIDIA "
-                               "GPU); use --backend onnxruntime") from error
+            raise BackendError(
+                f"the tensorrt package is not installed ({INSTALL} on a machine with an NVIDIA "
+                "GPU); use --backend onnxruntime"
+            ) from error
     return trt
 
 
@@ -91,8 +124,9 @@ def tensorrt_environment() -> tuple[object, object, str, str]:
     error, count = cudart.cudaGetDeviceCount()
     if int(error) != 0 or not count:
         reason = f"CUDA error {int(error)} ({getattr(error, 'name', error)})" if int(error) else "0 devices"
-        raise BackendError(f"TensorRT {trt.__version__} is installed but there is {NO_GPU} ({reason}); "
-                           "use --backend onnxruntime")
+        raise BackendError(
+            f"TensorRT {trt.__version__} is installed but there is {NO_GPU} ({reason}); use --backend onnxruntime"
+        )
     props = _cuda(cudart, "cudaGetDeviceProperties", _cuda(cudart, "cudaGetDevice"))
     return trt, cudart, f"{props.major}.{props.minor}", trt.__version__
 
@@ -112,8 +146,10 @@ def check_engines_match(engines: TensorRTEntry | None, capability: str, version:
     A version-compatible engine runs on the TensorRT it was built with and later releases of that major
     version; any other engine only on the exact version it was built with."""
     if engines is None or not engines.engines:
-        raise BundleError("this bundle has no TensorRT engines; rebuild it with imagen-export --tensorrt on this "
-                          "machine, or use --backend onnxruntime")
+        raise BundleError(
+            "this bundle has no TensorRT engines; rebuild it with imagen-export --tensorrt on this "
+            "machine, or use --backend onnxruntime"
+        )
     built = (engines.compute_capability, engines.version)
     runs = version == engines.version
     if engines.version_compatible:
@@ -124,11 +160,14 @@ def check_engines_match(engines: TensorRTEntry | None, capability: str, version:
         raise BundleError(
             f"the bundle's TensorRT {kind} were built for compute capability {built[0]} with TensorRT {built[1]}; "
             f"this machine has compute capability {capability} and TensorRT {version}; rebuild them here with "
-            "imagen-export --tensorrt, or use --backend onnxruntime")
+            "imagen-export --tensorrt, or use --backend onnxruntime"
+        )
     if lean and not engines.version_compatible:
-        raise BundleError("the lean TensorRT runtime (tensorrt_lean) runs only version-compatible engines; rebuild "
-                          "them with imagen-export --tensorrt --version-compatible, or install the full tensorrt "
-                          "package, or use --backend onnxruntime")
+        raise BundleError(
+            "the lean TensorRT runtime (tensorrt_lean) runs only version-compatible engines; rebuild "
+            "them with imagen-export --tensorrt --version-compatible, or install the full tensorrt "
+            "package, or use --backend onnxruntime"
+        )
 
 
 @dataclass
@@ -150,8 +189,15 @@ class TensorRTBackend:
     version_compatible: allow the engine's embedded host code (version-compatible engines), taken
     from `engines` when given. `close()` frees the device buffers, graphs and streams of every thread."""
 
-    def __init__(self, plan_path, stage_signature: StageSignature, engines: TensorRTEntry | None = None, *,
-                 cuda_graphs: bool = True, version_compatible: bool = False):
+    def __init__(
+        self,
+        plan_path,
+        stage_signature: StageSignature,
+        engines: TensorRTEntry | None = None,
+        *,
+        cuda_graphs: bool = True,
+        version_compatible: bool = False,
+    ):
         from .backends import check_feeds  # backends imports this module
 
         trt, self._cudart, capability, version = tensorrt_environment()
@@ -169,10 +215,17 @@ class TensorRTBackend:
         except OSError as error:
             raise BundleError(f"cannot read TensorRT engine {self.path}: {error}") from error
         if self.engine is None:
-            raise BundleError(f"TensorRT {version} cannot deserialize {self.path} (stage {self.stage.name}); rebuild "
-                              "it with imagen-export --tensorrt on this machine")
-        self._dtypes = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT32: "int32",
-                        trt.DataType.INT64: "int64", trt.DataType.BOOL: "bool"}
+            raise BundleError(
+                f"TensorRT {version} cannot deserialize {self.path} (stage {self.stage.name}); rebuild "
+                "it with imagen-export --tensorrt on this machine"
+            )
+        self._dtypes = {
+            trt.DataType.FLOAT: "float32",
+            trt.DataType.HALF: "float16",
+            trt.DataType.INT32: "int32",
+            trt.DataType.INT64: "int64",
+            trt.DataType.BOOL: "bool",
+        }
         self._check_io(trt.TensorIOMode.INPUT)
         self._local, self._lock, self._states, self._closed = threading.local(), threading.Lock(), [], False
 
@@ -185,8 +238,10 @@ class TensorRTBackend:
         want = {s.name: (True, s.dtype) for s in self.stage.inputs}
         want |= {s.name: (False, s.dtype) for s in self.stage.outputs}
         if io != want:
-            raise BundleError(f"{self.path} has tensors {io} (name: (is input, dtype)); its manifest signature "
-                              f"expects {want}; rebuild it with imagen-export --tensorrt")
+            raise BundleError(
+                f"{self.path} has tensors {io} (name: (is input, dtype)); its manifest signature "
+                f"expects {want}; rebuild it with imagen-export --tensorrt"
+            )
 
     def _call(self, call: str, *args):
         return _cuda(self._cudart, call, *args, where=self.stage.name)
@@ -200,8 +255,10 @@ class TensorRTBackend:
                 raise BackendError(f"{self.stage.name}: this TensorRT backend was closed")
             context = self.engine.create_execution_context()
             if context is None:
-                raise BackendError(f"{self.stage.name}: TensorRT cannot create an execution context (out of GPU "
-                                   "memory?); use fewer threads or --backend onnxruntime")
+                raise BackendError(
+                    f"{self.stage.name}: TensorRT cannot create an execution context (out of GPU "
+                    "memory?); use fewer threads or --backend onnxruntime"
+                )
             state = _ThreadState(context, self._call("cudaStreamCreate"))
             self._states.append(state)  # registered first, so that close() frees what follows even if it fails
             for spec in self.stage.inputs + self.stage.outputs:
@@ -219,13 +276,17 @@ class TensorRTBackend:
         state.batch = None
         for spec in self.stage.inputs:
             if not state.context.set_input_shape(spec.name, spec.concrete(batch)):
-                raise BackendError(f"{self.stage.name}: TensorRT rejects {spec.name} of shape "
-                                   f"{spec.concrete(batch)} (outside the engine's profile?)")
+                raise BackendError(
+                    f"{self.stage.name}: TensorRT rejects {spec.name} of shape "
+                    f"{spec.concrete(batch)} (outside the engine's profile?)"
+                )
         for spec in self.stage.outputs:
             shape = tuple(state.context.get_tensor_shape(spec.name))
             if shape != spec.concrete(batch):
-                raise BundleError(f"{self.path}: output {spec.name} has shape {shape} at batch {batch}, the "
-                                  f"signature says {spec.concrete(batch)}; rebuild it with imagen-export --tensorrt")
+                raise BundleError(
+                    f"{self.path}: output {spec.name} has shape {shape} at batch {batch}, the "
+                    f"signature says {spec.concrete(batch)}; rebuild it with imagen-export --tensorrt"
+                )
         state.batch = batch
 
     def run(self, feeds: dict) -> dict:
@@ -234,14 +295,26 @@ class TensorRTBackend:
         kinds = self._cudart.cudaMemcpyKind
         staged = [np.ascontiguousarray(feeds[spec.name]) for spec in self.stage.inputs]  # alive until the sync
         for spec, array in zip(self.stage.inputs, staged):
-            self._call("cudaMemcpyAsync", state.buffers[spec.name], array.ctypes.data, array.nbytes,
-                       kinds.cudaMemcpyHostToDevice, state.stream)
+            self._call(
+                "cudaMemcpyAsync",
+                state.buffers[spec.name],
+                array.ctypes.data,
+                array.nbytes,
+                kinds.cudaMemcpyHostToDevice,
+                state.stream,
+            )
         self._set_batch(state, batch)
         self._execute(state, batch)
         outputs = {spec.name: np.empty(spec.concrete(batch), spec.dtype) for spec in self.stage.outputs}
         for name, array in outputs.items():
-            self._call("cudaMemcpyAsync", array.ctypes.data, state.buffers[name], array.nbytes,
-                       kinds.cudaMemcpyDeviceToHost, state.stream)
+            self._call(
+                "cudaMemcpyAsync",
+                array.ctypes.data,
+                state.buffers[name],
+                array.nbytes,
+                kinds.cudaMemcpyDeviceToHost,
+                state.stream,
+            )
         self._call("cudaStreamSynchronize", state.stream)
         return outputs
 
@@ -288,8 +361,9 @@ class TensorRTBackend:
 
     def _no_graph(self, batch: int, reason: str) -> None:
         self._cudart.cudaGetLastError()  # a failed capture leaves a (non-sticky) error behind: clear it
-        log.warning("%s: CUDA graph capture at batch %d failed (%s); running without a graph", self.stage.name,
-                    batch, reason)
+        log.warning(
+            "%s: CUDA graph capture at batch %d failed (%s); running without a graph", self.stage.name, batch, reason
+        )
         return None
 
     def close(self) -> None:

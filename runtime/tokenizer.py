@@ -27,9 +27,7 @@ def validate_prompt(prompt, index: int = 0) -> str:
     """The prompt if it can be tokenized, else PromptError saying why."""
     where = f"prompt {index}"
     if isinstance(prompt, (bytes, bytearray, memoryview)):
-        raise PromptError(
-            f"{where} is {type(prompt).__name__}, not str; decode it first (e.g. data.decode('utf-8'))"
-        )
+        raise PromptError(f"{where} is {type(prompt).__name__}, not str; decode it first (e.g. data.decode('utf-8'))")
     if not isinstance(prompt, str):
         raise PromptError(f"{where} must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
@@ -65,9 +63,7 @@ class Tokenizer:
         extra_ids: int = 0,
     ):
         if kind not in ("byte", "sentencepiece"):
-            raise BundleError(
-                f"unknown tokenizer kind {kind!r}; this runtime knows 'byte' and 'sentencepiece'"
-            )
+            raise BundleError(f"unknown tokenizer kind {kind!r}; this runtime knows 'byte' and 'sentencepiece'")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             raise BundleError(f"text max_length must be an integer >= 2, got {max_length!r}")
         self.kind, self.max_length = kind, max_length
@@ -118,8 +114,9 @@ class Tokenizer:
         if spec.kind == "sentencepiece":
             entry = spec.files.get("spiece.model")
             model_file = bundle.path(entry) if entry else bundle.root / "tokenizer" / "spiece.model"
-        return cls(spec.kind, bundle.manifest.max_length, spec.pad_id, spec.eos_id, spec.offset, model_file,
-                   spec.extra_ids)
+        return cls(
+            spec.kind, bundle.manifest.max_length, spec.pad_id, spec.eos_id, spec.offset, model_file, spec.extra_ids
+        )
 
     def ids(self, prompt: str) -> list[int]:
         if self._processor is None:
@@ -129,7 +126,7 @@ class Tokenizer:
             special = self._special_id(match)
             if special is None:  # <extra_id_N> with N >= extra_ids is text
                 continue
-            ids += self._processor.encode(prompt[start:match.start()].translate(self._spaces))
+            ids += self._processor.encode(prompt[start : match.start()].translate(self._spaces))
             ids.append(special)
             start = match.end()
         return [int(i) for i in ids + self._processor.encode(prompt[start:].translate(self._spaces))]

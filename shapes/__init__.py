@@ -3,5 +3,18 @@
 from .analyse import DetectedObject, analyse, score
 from .scenes import ATTRIBUTES, COLOURS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, Scene, ShapesDataset, captions, render
 
-__all__ = ["ATTRIBUTES", "COLOURS", "HELDOUT_PAIRS", "POSITIONS", "SHAPES", "SIZES", "DetectedObject", "Scene",
-           "ShapesDataset", "analyse", "captions", "render", "score"]
+__all__ = [
+    "ATTRIBUTES",
+    "COLOURS",
+    "HELDOUT_PAIRS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "DetectedObject",
+    "Scene",
+    "ShapesDataset",
+    "analyse",
+    "captions",
+    "render",
+    "score",
+]

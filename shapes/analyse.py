@@ -100,8 +100,19 @@ def analyse(image) -> list[DetectedObject]:
         radius = (np.sqrt(area / UNIT_AREA[shape]) + extent / UNIT_EXTENT[shape]) / 2
         cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
         position = list(POSITIONS)[int(np.argmin(np.linalg.norm(anchors - (cx, cy), axis=1)))]
-        objects.append(DetectedObject(colour_name, shape, "large" if radius > SIZE_THRESHOLD else "small",
-                                      position, float(area), float(cx), float(cy), float(fill), taper))
+        objects.append(
+            DetectedObject(
+                colour_name,
+                shape,
+                "large" if radius > SIZE_THRESHOLD else "small",
+                position,
+                float(area),
+                float(cx),
+                float(cy),
+                float(fill),
+                taper,
+            )
+        )
     return objects
 
 

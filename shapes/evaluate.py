@@ -11,9 +11,19 @@ from .analyse import analyse, score
 from .scenes import ATTRIBUTES, captions
 
 
-def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 8, seed: int = 0,
-             sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-             sr_strength: float | None = None, progress: Callable[[int], None] | None = None) -> dict:
+def evaluate(
+    pipeline,
+    split: str = "train",
+    n: int = 100,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    sr_strength: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Accuracy per attribute and the exact-match rate over n captions of `split`.
 
     Image i is made with seed `seed + i` (batched `batch_size` at a time, each batch with
@@ -26,23 +36,43 @@ def evaluate(pipeline, split: str = "train", n: int = 100, *, batch_size: int = 
     start = time.perf_counter()
     generating = 0.0
     for first in range(0, n, batch_size):
-        chunk = scenes[first:first + batch_size]
+        chunk = scenes[first : first + batch_size]
         t0 = time.perf_counter()
-        result = pipeline([s.caption for s in chunk], seed=seed + first, sampler=sampler, steps=steps,
-                          guidance_scale=guidance_scale, sr_strength=sr_strength)
+        result = pipeline(
+            [s.caption for s in chunk],
+            seed=seed + first,
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sr_strength=sr_strength,
+        )
         generating += time.perf_counter() - t0
         for scene, image in zip(chunk, result.images):
             objects = analyse(image)
-            rows.append({"caption": scene.caption, "expected": scene.labels(),
-                         "found": objects[0].labels() if objects else None, **score(scene.labels(), objects)})
+            rows.append(
+                {
+                    "caption": scene.caption,
+                    "expected": scene.labels(),
+                    "found": objects[0].labels() if objects else None,
+                    **score(scene.labels(), objects),
+                }
+            )
             images.append(image)
         if progress:
             progress(len(chunk))
     accuracy = {name: float(np.mean([r[name] for r in rows])) for name in (*ATTRIBUTES, "exact")}
     info = getattr(result, "info", None)  # a Pipeline's Result says which settings it used
     settings = {key: info[0][key] for key in ("sampler", "steps", "guidance_scale", "sr_strength")} if info else None
-    return {"split": split, "n": n, "settings": settings, "accuracy": accuracy, "images_per_second": n / generating,
-            "seconds": time.perf_counter() - start, "rows": rows, "images": images}
+    return {
+        "split": split,
+        "n": n,
+        "settings": settings,
+        "accuracy": accuracy,
+        "images_per_second": n / generating,
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+        "images": images,
+    }
 
 
 def make_grid(images: list[Image.Image], labels: list[str], columns: int = 4, scale: int = 2) -> Image.Image:
@@ -69,6 +99,8 @@ def format_report(report: dict) -> str:
     settings = report.get("settings")
     line = f"{report['split']:8s} n={report['n']:<5d} {cells}  {report['images_per_second']:.2f} images/s"
     if settings:
-        line += (f"  ({settings['sampler']}, steps {settings['steps']}, guidance {settings['guidance_scale']}, "
-                 f"sr_strength {settings['sr_strength']})")
+        line += (
+            f"  ({settings['sampler']}, steps {settings['steps']}, guidance {settings['guidance_scale']}, "
+            f"sr_strength {settings['sr_strength']})"
+        )
     return line

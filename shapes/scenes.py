@@ -86,8 +86,10 @@ def scene_from_caption(caption: str) -> Scene:
     phrase = " ".join(words[4:])
     positions = {p: name for name, (_, p) in POSITIONS.items()}
     if size not in SIZES or colour not in COLOURS or shape not in SHAPES or phrase not in positions:
-        raise ValueError(f"not a shapes caption: {caption!r}; sizes {list(SIZES)}, colours {list(COLOURS)}, "
-                         f"shapes {list(SHAPES)}, positions {list(positions)}")
+        raise ValueError(
+            f"not a shapes caption: {caption!r}; sizes {list(SIZES)}, colours {list(COLOURS)}, "
+            f"shapes {list(SHAPES)}, positions {list(positions)}"
+        )
     position = positions[phrase]
     (cx, cy), _ = POSITIONS[position]
     return Scene(size, colour, shape, position, cx, cy, SIZES[size])

@@ -1,191 +1,28 @@
-"""A fake `tensorrt` module and a fake cuda-python runtime, to test the engine build and the
-TensorRT backend without a GPU.
-
-The fake device keeps memory as bytearrays at integer addresses. Streams queue their work until
-cudaStreamSynchronize (a copy from host memory is taken when enqueued, as for pageable memory); a
-capture records the work into a graph, which cudaGraphLaunch replays at the addresses captured. A
-fake engine runs its ONNX file with ONNX Runtime (CPU) on what it finds at its tensors' addresses,
-so a wrong address, size, shape or a missing synchronisation gives wrong numbers.
+"""A fake `tensorrt` module, to test the engine build and the TensorRT backend without a GPU, on
+the fake device and cuda-python runtime of fake_cuda.py. A fake engine runs its ONNX file with
+ONNX Runtime (CPU) on what it finds at its tensors' addresses, so a wrong address, size, shape or
+a missing synchronisation gives wrong numbers.
 
 Every public name of the fake modules is a real TensorRT or cuda-python name: tests check the
 fake TensorRT's names against the TensorRT 10.x and 11.x bindings, and the fake runtime's against
 the list the backend declares (`CUDART_NAMES`)."""
 
-import ctypes
 import enum
 import json
 import sys
 import types
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from fake_cuda import Device
+
 VERSION = "11.4.0.106"
 
 
-class cudaError_t(enum.IntEnum):  # noqa: N801 - cuda-python's name
-    cudaSuccess = 0
-    cudaErrorInvalidValue = 1
-    cudaErrorMemoryAllocation = 2
-    cudaErrorInsufficientDriver = 35
-    cudaErrorStreamCaptureUnsupported = 900
-    cudaErrorStreamCaptureInvalidated = 901
-
-
-class Device:
-    """What the fake GPU holds and counts; tests set `fail` (cudart calls that return an error),
-    `perturb` (relative error added to engine outputs) and `capture_fails` (execute_async_v3 fails
-    while a stream captures)."""
-
-    def __init__(self, driver: bool = True):
-        self.driver, self.memory, self.streams, self.graphs = driver, {}, {}, set()
-        self.calls, self.fail, self.perturb, self.capture_fails = Counter(), set(), 0.0, False
-        self.plans, self.runtimes, self.capture_modes, self._next = [], [], [], 1 << 16
-
-    def handle(self, nbytes: int = 0) -> int:
-        """A number never handed out before (an address or a stream handle)."""
-        number, self._next = self._next, self._next + max(nbytes, 1) + 4096
-        return number
-
-    def allocate(self, nbytes: int) -> int:
-        address = self.handle(nbytes)
-        self.memory[address] = bytearray(nbytes)
-        return address
-
-    def view(self, address: int, nbytes: int) -> memoryview:
-        if address not in self.memory or nbytes > len(self.memory[address]):
-            raise RuntimeError(f"fake device: {nbytes} bytes at {address} are not an allocation")
-        return memoryview(self.memory[address])[:nbytes]
-
-
-class _Stream:
-    def __init__(self, handle: int):
-        self.handle, self.queue, self.capture, self.invalidated = handle, [], None, False
-
-    def __int__(self) -> int:
-        return self.handle
-
-    def enqueue(self, work) -> None:
-        (self.queue if self.capture is None else self.capture).append(work)
-
-
-def make_cudart(device: Device) -> types.ModuleType:
-    """cuda.bindings.runtime over `device`: every call returns (error, *values)."""
-    cudart = types.ModuleType("cuda.bindings.runtime")
-    cudart.cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2})
-    cudart.cudaStreamCaptureMode = enum.IntEnum(
-        "cudaStreamCaptureMode",
-        {"cudaStreamCaptureModeGlobal": 0, "cudaStreamCaptureModeThreadLocal": 1, "cudaStreamCaptureModeRelaxed": 2})
-
-    def call(function):
-        def wrapper(*args):
-            device.calls[function.__name__] += 1
-            if function.__name__ in device.fail:
-                return cudaError_t.cudaErrorMemoryAllocation, None
-            return function(*args)
-
-        wrapper.__name__ = function.__name__
-        setattr(cudart, function.__name__, wrapper)
-        return wrapper
-
-    ok = cudaError_t.cudaSuccess
-
-    @call
-    def cudaGetDeviceCount():
-        return (ok, 1) if device.driver else (cudaError_t.cudaErrorInsufficientDriver, None)
-
-    @call
-    def cudaGetDevice():
-        return ok, 0
-
-    @call
-    def cudaGetDeviceProperties(index):
-        return ok, types.SimpleNamespace(major=9, minor=0, name=b"Fake GPU 80GB\0\0\0")
-
-    @call
-    def cudaMalloc(nbytes):
-        return ok, device.allocate(nbytes)
-
-    @call
-    def cudaFree(address):
-        return (ok,) if device.memory.pop(address, None) is not None else (cudaError_t.cudaErrorInvalidValue,)
-
-    @call
-    def cudaStreamCreate():
-        stream = _Stream(device.handle())
-        device.streams[stream.handle] = stream
-        return ok, stream
-
-    @call
-    def cudaStreamDestroy(stream):
-        return (ok,) if device.streams.pop(int(stream), None) is not None else (cudaError_t.cudaErrorInvalidValue,)
-
-    @call
-    def cudaMemcpyAsync(destination, source, nbytes, kind, stream):
-        if kind == cudart.cudaMemcpyKind.cudaMemcpyHostToDevice:
-            data = ctypes.string_at(source, nbytes)
-            device.view(destination, nbytes)
-            stream.enqueue(lambda: device.view(destination, nbytes).__setitem__(slice(None), data))
-        else:
-            device.view(source, nbytes)
-            stream.enqueue(lambda: ctypes.memmove(destination, bytes(device.view(source, nbytes)), nbytes))
-        return (ok,)
-
-    @call
-    def cudaStreamSynchronize(stream):
-        if stream.capture is not None:
-            return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
-        work, stream.queue = stream.queue, []
-        for item in work:
-            item()
-        return (ok,)
-
-    @call
-    def cudaStreamBeginCapture(stream, mode):
-        device.capture_modes.append(mode)
-        stream.capture, stream.invalidated = [], False
-        return (ok,)
-
-    @call
-    def cudaStreamEndCapture(stream):
-        work, stream.capture = stream.capture, None
-        if work is None or stream.invalidated:
-            return cudaError_t.cudaErrorStreamCaptureInvalidated, None
-        return ok, ("graph", tuple(work))
-
-    @call
-    def cudaGraphInstantiate(graph, flags):
-        instance = ("exec", graph[1], len(device.graphs))
-        device.graphs.add(instance)
-        return ok, instance
-
-    @call
-    def cudaGraphLaunch(instance, stream):
-        if instance not in device.graphs:
-            return (cudaError_t.cudaErrorInvalidValue,)
-        for item in instance[1]:
-            stream.enqueue(item)
-        return (ok,)
-
-    @call
-    def cudaGraphDestroy(graph):
-        return (ok,)
-
-    @call
-    def cudaGraphExecDestroy(instance):
-        device.graphs.discard(instance)
-        return (ok,)
-
-    @call
-    def cudaGetLastError():
-        return (ok,)
-
-    return cudart
-
-
-def make_tensorrt(device: Device, version: str = VERSION, lean: bool = False,
-                  strongly_typed_flag: bool = True) -> types.ModuleType:
+def make_tensorrt(
+    device: Device, version: str = VERSION, lean: bool = False, strongly_typed_flag: bool = True
+) -> types.ModuleType:
     """A tensorrt module (or tensorrt_lean: no builder) over `device`; engines are JSON plans naming
     their ONNX file, run with ONNX Runtime."""
     trt = types.ModuleType("tensorrt_lean" if lean else "tensorrt")
@@ -195,11 +32,22 @@ def make_tensorrt(device: Device, version: str = VERSION, lean: bool = False,
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"VERSION_COMPATIBLE": 9, "EXCLUDE_LEAN_RUNTIME": 10})
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
     trt.NetworkDefinitionCreationFlag = enum.IntEnum(
-        "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1} if strongly_typed_flag else {})
-    dtypes = {"tensor(float)": trt.DataType.FLOAT, "tensor(float16)": trt.DataType.HALF, "tensor(int64)":
-              trt.DataType.INT64, "tensor(int32)": trt.DataType.INT32, "tensor(bool)": trt.DataType.BOOL}
-    numpy_dtypes = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT64: np.int64,
-                    trt.DataType.INT32: np.int32, trt.DataType.BOOL: np.bool_}
+        "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1} if strongly_typed_flag else {}
+    )
+    dtypes = {
+        "tensor(float)": trt.DataType.FLOAT,
+        "tensor(float16)": trt.DataType.HALF,
+        "tensor(int64)": trt.DataType.INT64,
+        "tensor(int32)": trt.DataType.INT32,
+        "tensor(bool)": trt.DataType.BOOL,
+    }
+    numpy_dtypes = {
+        trt.DataType.FLOAT: np.float32,
+        trt.DataType.HALF: np.float16,
+        trt.DataType.INT64: np.int64,
+        trt.DataType.INT32: np.int32,
+        trt.DataType.BOOL: np.bool_,
+    }
 
     class Logger:
         ERROR, WARNING = 1, 2
@@ -212,8 +60,10 @@ def make_tensorrt(device: Device, version: str = VERSION, lean: bool = False,
 
         def __init__(self, logger):
             if not device.driver:
-                raise SystemError("fake TensorRT: a Runtime without a CUDA driver is a null object (a real process "
-                                  "crashes on first use)")
+                raise SystemError(
+                    "fake TensorRT: a Runtime without a CUDA driver is a null object (a real process "
+                    "crashes on first use)"
+                )
             device.runtimes.append(self)
 
         def deserialize_cuda_engine(self, data):
@@ -394,8 +244,14 @@ def _add_builder(trt, device: Device, version: str) -> None:
         def build_serialized_network(self, network, config):
             if "build_serialized_network" in device.fail or network._onnx is None or len(config._profiles) != 1:
                 return None
-            plan = {"onnx": network._onnx, "network_flags": network._flags, "flags": config._flags,
-                    "pools": config._pools, "profile": config._profiles[0]._shapes, "version": version}
+            plan = {
+                "onnx": network._onnx,
+                "network_flags": network._flags,
+                "flags": config._flags,
+                "pools": config._pools,
+                "profile": config._profiles[0]._shapes,
+                "version": version,
+            }
             device.plans.append(plan)
             return json.dumps(plan).encode()
 

@@ -18,10 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from bench.workload import default_run_dir, same_run
 from imagen.export import cli as cli_module
 from imagen.export.bundle import export_bundle, run_source
-from imagen.runtime.contract import run_config_sha256
 from imagen.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportError, convert_fp16, external_data_files
 from imagen.runtime import Pipeline, load_bundle
-from imagen.runtime.contract import Source
+from imagen.runtime.contract import Source, run_config_sha256
 from imagen.runtime.errors import BundleError
 
 PROMPTS = ["a small red circle on the left", "a large blue square at the top"]
@@ -42,8 +41,13 @@ def referenced_locations(path: Path) -> set[str]:
     """The external data locations of a model's initializers and constant attributes."""
     model = onnx.load(str(path), load_external_data=False)
     tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    return {e.value for t in tensors if t.data_location == TensorProto.EXTERNAL for e in t.external_data
-            if e.key == "location"}
+    return {
+        e.value
+        for t in tensors
+        if t.data_location == TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
 
 
 def test_threshold_zero_lists_every_file_each_stage_reads(bundle_external, bundle_fp32):
@@ -95,13 +99,21 @@ def _flip_one_byte(bundle: Path, data: Path) -> None:
 
 TAMPERING = {
     "missing": (lambda bundle, data: data.unlink(), r"unet_0\.onnx\.data \(stage unet_0 external data 0\) is missing"),
-    "truncated": (lambda bundle, data: os.truncate(data, data.stat().st_size - 1),
-                  r"unet_0\.onnx\.data \(stage unet_0 external data 0\) has \d+ bytes, the manifest expects"),
-    "altered": (_flip_one_byte, r"unet_0\.onnx\.data \(stage unet_0 external data 0\) has sha256 [0-9a-f]{64}, "
-                                r"the manifest expects"),
+    "truncated": (
+        lambda bundle, data: os.truncate(data, data.stat().st_size - 1),
+        r"unet_0\.onnx\.data \(stage unet_0 external data 0\) has \d+ bytes, the manifest expects",
+    ),
+    "altered": (
+        _flip_one_byte,
+        r"unet_0\.onnx\.data \(stage unet_0 external data 0\) has sha256 [0-9a-f]{64}, "
+        r"the manifest expects",
+    ),
     "renamed to ../x": (_rename_to_parent, r"stage unet_0 external data 0 file '\.\./x' contains '\.\.'"),
-    "symlink out": (_move_out, r"unet_0\.onnx\.data \(stage unet_0 external data 0\) resolves to .*outside\.data, "
-                               r"outside the bundle"),
+    "symlink out": (
+        _move_out,
+        r"unet_0\.onnx\.data \(stage unet_0 external data 0\) resolves to .*outside\.data, "
+        r"outside the bundle",
+    ),
 }
 
 
@@ -129,8 +141,9 @@ def test_fp16_conversion_keeps_external_data_beside_the_model(bundle_fp32, tmp_p
     onnx.checker.check_model(str(outside), full_check=True)
     signature = load_bundle(bundle_fp32).stages["unet_0"].signature
     feeds = signature.sample_inputs(3, np.random.default_rng(5), timesteps=30)
-    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-               for p in (outside, inside)]
+    outputs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (outside, inside)
+    ]
     assert outputs[0].dtype == np.float32 and np.isfinite(outputs[0]).all()
     assert np.array_equal(outputs[0], outputs[1])
 
@@ -139,9 +152,13 @@ def _tiny_model(folder: Path, location: str) -> Path:
     """y = x + w with w stored as external data at `location` (written as w.bin, then renamed)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = numpy_helper.from_array(np.ones((4,), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weights])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [weights],
+    )
     path = folder / "m.onnx"
     onnx.save(helper.make_model(graph), path, save_as_external_data=True, location="w.bin", size_threshold=0)
     model = onnx.load(path, load_external_data=False)
@@ -176,7 +193,9 @@ def test_threshold_and_source_path_options_reach_the_export(monkeypatch, tmp_pat
     forced = base + ["--external-data-threshold", "0", "--record-source-path"]
     assert runner.invoke(cli_module.main, forced).exit_code == 0
     assert [(c["external_data_threshold"], c["record_source_path"]) for c in calls] == [
-        (EXTERNAL_DATA_THRESHOLD, False), (0, True)]
+        (EXTERNAL_DATA_THRESHOLD, False),
+        (0, True),
+    ]
     assert EXTERNAL_DATA_THRESHOLD == int(2**31 * 0.9)
     assert runner.invoke(cli_module.main, base + ["--external-data-threshold", "-1"]).exit_code == 2
     with pytest.raises(ValueError, match="external_data_threshold"):
@@ -197,16 +216,22 @@ def test_manifest_names_the_run_and_no_file_names_this_machine(bundle_fp32, bund
 
 def test_source_path_is_recorded_only_on_request(tiny_run):
     path = str(tiny_run.resolve())
-    assert run_source(tiny_run, "ema").to_json() == {"name": "tiny", "config_sha256": run_config_sha256(tiny_run),
-                                                     "weights": "ema"}
+    assert run_source(tiny_run, "ema").to_json() == {
+        "name": "tiny",
+        "config_sha256": run_config_sha256(tiny_run),
+        "weights": "ema",
+    }
     assert run_source(tiny_run, "ema", record_path=True).to_json()["checkpoint"] == path
 
 
 def test_minimagen_config_hash_is_its_parameter_files_in_sorted_order(tmp_path, tiny_run):
     params = tmp_path / "minimagen" / "parameters"
     params.mkdir(parents=True)
-    files = {"unet_0_params_1.json": b'{"dim": 8}', "imagen_params_1.json": b'{"image_sizes": [16]}',
-             "unet_1_params_1.json": b'{"dim": 4}'}
+    files = {
+        "unet_0_params_1.json": b'{"dim": 8}',
+        "imagen_params_1.json": b'{"image_sizes": [16]}',
+        "unet_1_params_1.json": b'{"dim": 4}',
+    }
     for name, data in files.items():
         (params / name).write_bytes(data)
     expected = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()

@@ -49,12 +49,48 @@ UNICODE_WORDS += "кошка 고양이 ελιά".split()
 # characters the vocabulary never saw (unk, alone or in a row), or that NFKC rewrites
 RARE = ["🦜", "¤¤", "𝔘𝔫", "ǅ", "\u00ad", "¨", "e\u0301", "ﬁ", "①", "ＡＢＣ", "½", "👩\u200d🚀", "İı", "…", "“q”", "C++"]
 SPACES = [" ", "  ", "   ", "\t", "\n", " \n ", "\t\t", "\u00a0", "\u3000", "\u2028", "\u202f", "\u2003", "\u200b"]
-SPECIAL = ["</s>", "<pad>", "<unk>", "<extra_id_0>", "<extra_id_1>", "<extra_id_10>", "<extra_id_99>", "</s></s>",
-           "<extra_id_100>", "</s", "<extra_id_>", "<extra_id_-1>", "<extra_id_007>", "<EXTRA_ID_0>", "<s>",
-           "<<pad>>", "<pad", "s>", "extra_id_5>", "▁", "▁▁"]
-EDGES = ["</s>", "<pad>", "<unk>", "<extra_id_0>", "<extra_id_99>", "a</s>b", "a </s> b", "<extra_id_1<extra_id_1>>",
-         "<extra_id_0><extra_id_0>", " </s> ", "cat\t<pad>\ncat", "▁cat", "▁▁a", "<\u200b/s>", "x y z Q",
-         "<extra_id_1000000000>", "<extra_id_123456789012>"]
+SPECIAL = [
+    "</s>",
+    "<pad>",
+    "<unk>",
+    "<extra_id_0>",
+    "<extra_id_1>",
+    "<extra_id_10>",
+    "<extra_id_99>",
+    "</s></s>",
+    "<extra_id_100>",
+    "</s",
+    "<extra_id_>",
+    "<extra_id_-1>",
+    "<extra_id_007>",
+    "<EXTRA_ID_0>",
+    "<s>",
+    "<<pad>>",
+    "<pad",
+    "s>",
+    "extra_id_5>",
+    "▁",
+    "▁▁",
+]
+EDGES = [
+    "</s>",
+    "<pad>",
+    "<unk>",
+    "<extra_id_0>",
+    "<extra_id_99>",
+    "a</s>b",
+    "a </s> b",
+    "<extra_id_1<extra_id_1>>",
+    "<extra_id_0><extra_id_0>",
+    " </s> ",
+    "cat\t<pad>\ncat",
+    "▁cat",
+    "▁▁a",
+    "<\u200b/s>",
+    "x y z Q",
+    "<extra_id_1000000000>",
+    "<extra_id_123456789012>",
+]
 
 
 def caption(rng: random.Random) -> str:
@@ -103,9 +139,19 @@ def spiece(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("spiece")
     (root / "text.txt").write_text(training_text(random.Random(0)), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(root / "text.txt"), model_prefix=str(root / "spiece"), vocab_size=400,
-                                   hard_vocab_limit=False, model_type="unigram", character_coverage=1.0,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "text.txt"),
+        model_prefix=str(root / "spiece"),
+        vocab_size=400,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
     return root / "spiece.model"
 
 
@@ -128,7 +174,8 @@ def t5_folders(spiece, tmp_path_factory):
     root = tmp_path_factory.mktemp("t5")
     full = save_t5_folder(root / "full", spiece)
     assert {"config.json", "model.safetensors", "spiece.model", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in full.iterdir()}
+        p.name for p in full.iterdir()
+    }
     return {"full": full, "spiece only": save_t5_folder(root / "spiece", spiece, tokenizer_files=False)}
 
 
@@ -167,8 +214,15 @@ def test_untruncated_ids_and_whitespace_controls_match_transformers(t5_folders):
     """Whole ids (no truncation), and the controls the runtime refuses but training captions may
     hold (\\r, \\v, \\f, U+0085 NEL): transformers splits words on all of Unicode's White_Space."""
     folder = t5_folders["full"]
-    lines = corpus(lines_per_case=20, seed=2) + ["a\rcat", "a\r\ncat", "a\x0bcat", "a\x0ccat", "a\x85cat",
-                                                 "\x85</s>\x85cat\x85", "a\x1ccat"]
+    lines = corpus(lines_per_case=20, seed=2) + [
+        "a\rcat",
+        "a\r\ncat",
+        "a\x0bcat",
+        "a\x0ccat",
+        "a\x85cat",
+        "\x85</s>\x85cat\x85",
+        "a\x1ccat",
+    ]
     reference = SentencePieceTokenizer(folder / "spiece.model", 512, extra_ids=EXTRA_IDS)
     expected, _ = transformers_ids(folder, lines, 512)
     np.testing.assert_array_equal(reference(lines)[0], expected)
@@ -216,13 +270,16 @@ def test_run_directory_written_before_still_loads(t5_folders, tmp_path, kind):
     assert loaded.tokenizer.extra_ids == (EXTRA_IDS if kind == "sentencepiece" else 0)  # transformers' default
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "cannot read"),
-    ('{"version": "1.0"}', "neither"),
-    ('{"kind": "wordpiece", "max_length": 8}', "neither"),
-    ('["kind"]', "neither"),
-    ('{"kind": "byte", "max_length": "8"}', "max_length"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "cannot read"),
+        ('{"version": "1.0"}', "neither"),
+        ('{"kind": "wordpiece", "max_length": 8}', "neither"),
+        ('["kind"]', "neither"),
+        ('{"kind": "byte", "max_length": "8"}', "max_length"),
+    ],
+)
 def test_unrecognised_tokenizer_json_is_a_typed_error_naming_the_file(t5_folders, tmp_path, content, match):
     folder = shutil.copytree(t5_folders["spiece only"], tmp_path / "t5")
     (folder / OLD_TOKENIZER_FILE).write_text(content)
@@ -260,9 +317,21 @@ def test_extra_ids_follow_tokenizer_config_and_need_room_in_the_embedding(t5_fol
 def test_minimagen_run_exports_fp16_with_a_save_pretrained_t5(t5_folders, tmp_path):
     """The T5 folder has transformers' tokenizer.json beside it; the encoder stays FP32 in an FP16 bundle."""
     write_minimagen_directory(tmp_path / "training", t5_folders["full"])
-    result = CliRunner().invoke(export_cli, ["--ckpt", str(tmp_path / "training"), "--text-encoder",
-                                             str(t5_folders["full"]), "--out", str(tmp_path / "b"), "--fp16",
-                                             "--max-batch", "2", "--quiet"])
+    result = CliRunner().invoke(
+        export_cli,
+        [
+            "--ckpt",
+            str(tmp_path / "training"),
+            "--text-encoder",
+            str(t5_folders["full"]),
+            "--out",
+            str(tmp_path / "b"),
+            "--fp16",
+            "--max-batch",
+            "2",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     bundle = load_bundle(tmp_path / "b")
     tokenizer = bundle.manifest.tokenizer
@@ -287,23 +356,51 @@ T5_SIZES = {
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, feed_forward_proj="relu"),
     "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, feed_forward_proj="relu"),
     "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16, feed_forward_proj="relu"),
-    "t5-v1_1-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
-                         feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    "t5-v1_1-large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
-                          feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "t5-v1_1-base": dict(
+        d_model=768,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=12,
+        num_heads=12,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
+    "t5-v1_1-large": dict(
+        d_model=1024,
+        d_kv=64,
+        d_ff=2816,
+        num_layers=24,
+        num_heads=16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
 }
 T5_VOCAB = 32128
 SLOW = pytest.mark.slow  # over two minutes each on 2 CPU cores, 6 GB of memory
 
 
-@pytest.mark.parametrize("name", ["t5-small", "t5-base", "t5-v1_1-base", pytest.param("t5-large", marks=SLOW),
-                                  pytest.param("t5-v1_1-large", marks=SLOW)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "t5-small",
+        "t5-base",
+        "t5-v1_1-base",
+        pytest.param("t5-large", marks=SLOW),
+        pytest.param("t5-v1_1-large", marks=SLOW),
+    ],
+)
 def test_t5_at_real_sizes_exports_with_fp32_parity(name, tmp_path):
     """Random weights in the published shapes, at MinImagen's 256 tokens (past relative attention's
     max_distance 128, so every bucket is used); parity as export/bundle.py measures it."""
     torch.manual_seed(0)
-    config = T5Config(vocab_size=T5_VOCAB, relative_attention_num_buckets=32, dropout_rate=0.0,
-                      is_encoder_decoder=False, use_cache=False, **T5_SIZES[name])
+    config = T5Config(
+        vocab_size=T5_VOCAB,
+        relative_attention_num_buckets=32,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        **T5_SIZES[name],
+    )
     model = T5EncoderModel(config)
     model.config._attn_implementation = "eager"
     stage = TextEncoderStage(TextEncoder(model, ByteTokenizer(256)))

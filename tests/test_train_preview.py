@@ -28,8 +28,9 @@ def grid_calls(monkeypatch):
         timesteps = [[] for _ in self.unets]
         state = kwargs["noise"].bit_generator.state
         calls.append({"kwargs": kwargs, "noise_state": state, "timesteps": timesteps})
-        return original(self, text_embeds, text_mask, **kwargs,
-                        callback=lambda unet, step, t, x: timesteps[unet].append(t))
+        return original(
+            self, text_embeds, text_mask, **kwargs, callback=lambda unet, step, t, x: timesteps[unet].append(t)
+        )
 
     monkeypatch.setattr(Imagen, "sample", sample)
     return calls
@@ -79,14 +80,16 @@ def test_cli_passes_the_preview_options(tmp_path, monkeypatch):
     result = runner.invoke(train_cli, ["--out", str(tmp_path / "a"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert (seen[0].preview_sampler, seen[0].preview_steps) == ("dpmpp_2m", 25)
-    result = runner.invoke(train_cli, ["--out", str(tmp_path / "b"), "--quiet", "--preview-sampler", "ddim",
-                                       "--preview-steps", "7"])
+    result = runner.invoke(
+        train_cli, ["--out", str(tmp_path / "b"), "--quiet", "--preview-sampler", "ddim", "--preview-steps", "7"]
+    )
     assert result.exit_code == 0, result.output
     assert (seen[1].preview_sampler, seen[1].preview_steps) == ("ddim", 7)
 
 
-@pytest.mark.parametrize("option, value", [("--preview-sampler", "euler"), ("--preview-steps", "0"),
-                                           ("--preview-steps", "-3")])
+@pytest.mark.parametrize(
+    "option, value", [("--preview-sampler", "euler"), ("--preview-steps", "0"), ("--preview-steps", "-3")]
+)
 def test_cli_rejects_a_bad_preview_option_in_one_line(tmp_path, option, value):
     result = CliRunner().invoke(train_cli, ["--out", str(tmp_path / "r"), option, value])
     assert result.exit_code == 2
@@ -95,8 +98,13 @@ def test_cli_rejects_a_bad_preview_option_in_one_line(tmp_path, option, value):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("change, message", [({"preview_sampler": "euler"}, "preview_sampler must be one of"),
-                                             ({"preview_steps": 0}, "preview_steps must be a positive integer")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"preview_sampler": "euler"}, "preview_sampler must be one of"),
+        ({"preview_steps": 0}, "preview_steps must be a positive integer"),
+    ],
+)
 def test_train_rejects_bad_preview_settings_before_writing(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(out=str(tmp_path / "r"), **dict(PREVIEW, **change)))

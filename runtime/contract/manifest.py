@@ -7,12 +7,20 @@ sizes and hashes, and whether the signatures are the ones this runtime feeds is
 verification (`imagen.runtime.bundle`).
 """
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import BundleError, ParameterError
-from ..settings import check_sampler, check_sr_strength, check_steps, is_int, is_number
+from ..settings import check_sampler, check_sr_strength, check_steps, is_int
+from .entries import (
+    FileEntry,
+    Parity,
+    ScheduleEntry,
+    Source,
+    TensorRTEntry,
+    json_error,
+    json_field,
+    json_object,
+)
 from .signatures import (
     BATCH,
     FORMAT,
@@ -29,83 +37,18 @@ from .signatures import (
     unet_name,
 )
 
-# Reading JSON fields: each names the field and says what to do
-
-
-def _fail(where: str, message: str) -> BundleError:
-    return BundleError(f"{MANIFEST}: {where} {message}; {REEXPORT}")
-
-
-_KINDS = {int: ("an integer", is_int), float: ("a number", is_number), str: ("a string", None),
-          dict: ("an object", None), list: ("a list", None), bool: ("true or false", None)}
-
-
-def _get(mapping: dict, key: str, kind, where: str, default=...):
-    """mapping[key] if it is of `kind`; `default` when the key is absent (if one is given)."""
-    if default is not ... and key not in mapping:
-        return default
-    value = mapping.get(key)
-    name, check = _KINDS[kind]
-    if not (check(value) if check else isinstance(value, kind)):
-        raise _fail(f"{where}{key}", f"is missing or not {name}")
-    return value
-
-
-def _object(value, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise _fail(where, "is missing or not an object")
-    return value
-
-
-# The manifest
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A file of the bundle: its path relative to the bundle folder, size and sha256."""
-
-    file: str
-    bytes: int
-    sha256: str
-
-    @classmethod
-    def from_json(cls, entry, where: str) -> "FileEntry":
-        entry = _object(entry, where)
-        file = entry.get("file")
-        if not isinstance(file, str) or not file:
-            raise _fail(where, "has no file name")
-        return cls(file, _get(entry, "bytes", int, f"{where}."), _get(entry, "sha256", str, f"{where}."))
-
-    def to_json(self) -> dict:
-        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}
-
-
-@dataclass(frozen=True)
-class Parity:
-    """Relative error of the stage in ONNX Runtime against PyTorch, measured at export."""
-
-    batch_sizes: list
-    rel_error: list
-    tolerance: float
-    passed: bool
-    forced: bool
-
-    def to_json(self) -> dict:
-        return {"batch_sizes": self.batch_sizes, "rel_error": self.rel_error, "tolerance": self.tolerance,
-                "passed": self.passed, "forced": self.forced}
-
 
 def _tensor_specs(entries, where: str) -> tuple[TensorSpec, ...]:
     if not isinstance(entries, list) or not entries:
-        raise _fail(where, "must be a non-empty list")
+        raise json_error(where, "must be a non-empty list")
     specs = []
     for entry in entries:
-        entry = _object(entry, where)
-        name, dtype = _get(entry, "name", str, f"{where}."), _get(entry, "dtype", str, f"{where}.")
-        shape = _get(entry, "shape", list, f"{where}.")
+        entry = json_object(entry, where)
+        name, dtype = json_field(entry, "name", str, f"{where}."), json_field(entry, "dtype", str, f"{where}.")
+        shape = json_field(entry, "shape", list, f"{where}.")
         for d in shape:
             if not (d == BATCH or (is_int(d) and d >= 1)):
-                raise _fail(f"{where} {name}", f"has dimension {d!r}; expected a positive integer or {BATCH!r}")
+                raise json_error(f"{where} {name}", f"has dimension {d!r}; expected a positive integer or {BATCH!r}")
         specs.append(TensorSpec(name, dtype, tuple(shape)))
     return tuple(specs)
 
@@ -127,29 +70,32 @@ class StageEntry:
     @classmethod
     def from_json(cls, name: str, entry) -> "StageEntry":
         where = f"stages.{name}"
-        entry = _object(entry, where)
+        entry = json_object(entry, where)
         file = FileEntry.from_json(entry, f"stage {name}")
         extra = entry.get("external_data") or []
         if not isinstance(extra, list):
-            raise _fail(f"{where}.external_data", "must be a list")
-        batch = _object(entry.get("batch"), f"{where}.batch")
-        low, opt, high = (_get(batch, k, int, f"{where}.batch.") for k in ("min", "opt", "max"))
+            raise json_error(f"{where}.external_data", "must be a list")
+        batch = json_object(entry.get("batch"), f"{where}.batch")
+        low, opt, high = (json_field(batch, k, int, f"{where}.batch.") for k in ("min", "opt", "max"))
         if not 1 <= low <= high:
-            raise _fail(f"{where}.batch", f"min {low} / max {high} must satisfy 1 <= min <= max")
-        inputs, outputs = _tensor_specs(entry.get("inputs"), f"{where}.inputs"), _tensor_specs(
-            entry.get("outputs"), f"{where}.outputs")
+            raise json_error(f"{where}.batch", f"min {low} / max {high} must satisfy 1 <= min <= max")
+        inputs, outputs = (
+            _tensor_specs(entry.get("inputs"), f"{where}.inputs"),
+            _tensor_specs(entry.get("outputs"), f"{where}.outputs"),
+        )
         parity = entry.get("parity")
         return cls(
             name=name,
             file=file,
-            precision=_get(entry, "precision", str, f"{where}.", "fp32"),
+            precision=json_field(entry, "precision", str, f"{where}.", "fp32"),
             signature=StageSignature(name, inputs, outputs, low, opt, high),
-            parity=Parity(**parity) if isinstance(parity, dict) and set(parity) == set(Parity.__annotations__)
+            parity=Parity(**parity)
+            if isinstance(parity, dict) and set(parity) == set(Parity.__annotations__)
             else None,
             flops=entry.get("flops") if is_int(entry.get("flops")) else None,
             external_data=tuple(FileEntry.from_json(e, f"stage {name} external data {i}") for i, e in enumerate(extra)),
-            image_size=_get(entry, "image_size", int, f"{where}.", None),
-            lowres_cond=_get(entry, "lowres_cond", bool, f"{where}.", None),
+            image_size=json_field(entry, "image_size", int, f"{where}.", None),
+            lowres_cond=json_field(entry, "lowres_cond", bool, f"{where}.", None),
         )
 
     def to_json(self) -> dict:
@@ -181,23 +127,27 @@ class TokenizerEntry:
 
     @classmethod
     def from_json(cls, entry) -> "TokenizerEntry":
-        entry = _object(entry, "tokenizer")
-        kind = _get(entry, "kind", str, "tokenizer.")
+        entry = json_object(entry, "tokenizer")
+        kind = json_field(entry, "kind", str, "tokenizer.")
         if kind not in TOKENIZER_KINDS:
-            raise _fail("tokenizer", f"kind {kind!r} is unknown ({', '.join(TOKENIZER_KINDS)})")
+            raise json_error("tokenizer", f"kind {kind!r} is unknown ({', '.join(TOKENIZER_KINDS)})")
         ids = {}
         for key, default in (("pad_id", 0), ("eos_id", 1), ("offset", 3 if kind == "byte" else 0)):
             value = entry.get(key, default)
             if not is_int(value) or not 0 <= value < MAX_TOKEN_ID:
-                raise _fail(f"tokenizer.{key}", f"is {value!r}; expected an integer in [0, {MAX_TOKEN_ID})")
+                raise json_error(f"tokenizer.{key}", f"is {value!r}; expected an integer in [0, {MAX_TOKEN_ID})")
             ids[key] = value
-        files = _get(entry, "files", dict, "tokenizer.", {})
+        files = json_field(entry, "files", dict, "tokenizer.", {})
         extra_ids = entry.get("extra_ids", 0)
         if not is_int(extra_ids) or not 0 <= extra_ids < MAX_TOKEN_ID:
-            raise _fail("tokenizer.extra_ids", f"is {extra_ids!r}; expected an integer in [0, {MAX_TOKEN_ID})")
-        return cls(kind, **ids, max_length=entry.get("max_length") if is_int(entry.get("max_length")) else None,
-                   files={name: FileEntry.from_json(e, f"tokenizer file {name}") for name, e in files.items()},
-                   extra_ids=extra_ids)
+            raise json_error("tokenizer.extra_ids", f"is {extra_ids!r}; expected an integer in [0, {MAX_TOKEN_ID})")
+        return cls(
+            kind,
+            **ids,
+            max_length=entry.get("max_length") if is_int(entry.get("max_length")) else None,
+            files={name: FileEntry.from_json(e, f"tokenizer file {name}") for name, e in files.items()},
+            extra_ids=extra_ids,
+        )
 
     def to_json(self) -> dict:
         out = {"kind": self.kind}
@@ -208,30 +158,6 @@ class TokenizerEntry:
         if self.extra_ids:
             out["extra_ids"] = self.extra_ids
         return out
-
-
-@dataclass(frozen=True)
-class ScheduleEntry:
-    """float64 betas; `kind` and `timesteps` say which recipe made them."""
-
-    betas: tuple
-    kind: str = "linear"
-    timesteps: int | None = None
-
-    @classmethod
-    def from_json(cls, name: str, entry) -> "ScheduleEntry":
-        where = f"schedules.{name}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("betas"), list):
-            raise _fail(where, "(with its betas) is missing")
-        betas = entry["betas"]
-        if not betas or not all(is_number(b) and 0 < b < 1 for b in betas):
-            raise _fail(where, "betas must be a non-empty list of numbers in (0, 1)")
-        kind = entry.get("kind", "linear")
-        return cls(tuple(betas), kind if isinstance(kind, str) else "linear",
-                   entry.get("timesteps") if is_int(entry.get("timesteps")) else None)
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "timesteps": self.timesteps, "betas": list(self.betas)}
 
 
 @dataclass(frozen=True)
@@ -247,18 +173,27 @@ class Defaults:
 
     @classmethod
     def from_json(cls, entry) -> "Defaults":
-        entry = _object(entry, "defaults")
-        numbers = {k: _get(entry, k, float, "defaults.") for k in
-                   ("guidance_scale", "dynamic_thresholding_percentile", "lowres_sample_noise_level")}
-        if not 0 < numbers["dynamic_thresholding_percentile"] <= 1 or not 0 <= numbers["lowres_sample_noise_level"] <= 1:
-            raise _fail("defaults", "out of range (percentile in (0, 1], noise level in [0, 1])")
-        defaults = cls(**numbers, sampler=entry.get("sampler", "ddpm"), steps=entry.get("steps"),
-                       sr_strength=entry.get("sr_strength"))
+        entry = json_object(entry, "defaults")
+        numbers = {
+            k: json_field(entry, k, float, "defaults.")
+            for k in ("guidance_scale", "dynamic_thresholding_percentile", "lowres_sample_noise_level")
+        }
+        if (
+            not 0 < numbers["dynamic_thresholding_percentile"] <= 1
+            or not 0 <= numbers["lowres_sample_noise_level"] <= 1
+        ):
+            raise json_error("defaults", "out of range (percentile in (0, 1], noise level in [0, 1])")
+        defaults = cls(
+            **numbers,
+            sampler=entry.get("sampler", "ddpm"),
+            steps=entry.get("steps"),
+            sr_strength=entry.get("sr_strength"),
+        )
         try:
             check_sampler(defaults.sampler)
             check_sr_strength(1.0 if defaults.sr_strength is None else defaults.sr_strength)
         except ParameterError as error:
-            raise _fail(f"defaults.{error.parameter}", f"{error.value!r} is not {error.limit}") from None
+            raise json_error(f"defaults.{error.parameter}", f"{error.value!r} is not {error.limit}") from None
         return defaults
 
     def steps_per_unet(self, timesteps: list[int]) -> tuple[int, ...]:
@@ -270,94 +205,22 @@ class Defaults:
                 raise ParameterError("steps", "", self.steps)
             return tuple(check_steps(per_unet.get(name), total) for name, total in zip(names, timesteps))
         except ParameterError:
-            raise _fail("defaults.steps", f"{self.steps!r} is not null, an integer in [1, timesteps] or "
-                        "{\"unet_i\": n} per Unet") from None
+            raise json_error(
+                "defaults.steps",
+                f'{self.steps!r} is not null, an integer in [1, timesteps] or {{"unet_i": n}} per Unet',
+            ) from None
 
     def to_json(self) -> dict:
-        out = {"guidance_scale": self.guidance_scale,
-               "dynamic_thresholding_percentile": self.dynamic_thresholding_percentile,
-               "lowres_sample_noise_level": self.lowres_sample_noise_level, "sampler": self.sampler,
-               "steps": self.steps}
+        out = {
+            "guidance_scale": self.guidance_scale,
+            "dynamic_thresholding_percentile": self.dynamic_thresholding_percentile,
+            "lowres_sample_noise_level": self.lowres_sample_noise_level,
+            "sampler": self.sampler,
+            "steps": self.steps,
+        }
         if self.sr_strength is not None:
             out["sr_strength"] = self.sr_strength
         return out
-
-
-@dataclass(frozen=True)
-class TensorRTEntry:
-    """Engines built on and for one GPU kind and TensorRT version. What the build measured is optional
-    (absent in bundles written before it, and written only when set): the GPU's name, whether the
-    engines are version-compatible (runnable by the lean runtime and later TensorRT of the same major
-    version), and each engine's largest relative error against ONNX Runtime (CPU) with its tolerance."""
-
-    dir: str
-    compute_capability: str
-    version: str
-    engines: dict[str, FileEntry]
-    gpu_name: str | None = None
-    version_compatible: bool = False
-    max_rel_error: dict[str, float] = field(default_factory=dict)
-    tolerance: float | None = None
-
-    @classmethod
-    def from_json(cls, entry) -> "TensorRTEntry":
-        entry = _object(entry, "tensorrt")
-        engines = _get(entry, "engines", dict, "tensorrt.")
-        errors = _get(entry, "max_rel_error", dict, "tensorrt.", {})
-        if not all(is_number(e) and e >= 0 for e in errors.values()):
-            raise _fail("tensorrt.max_rel_error", "must map engine names to non-negative numbers")
-        return cls(str(entry.get("dir", "")), str(entry.get("compute_capability")), str(entry.get("version")),
-                   {name: FileEntry.from_json(e, f"TensorRT engine {name}") for name, e in engines.items()},
-                   gpu_name=_get(entry, "gpu_name", str, "tensorrt.", None),
-                   version_compatible=_get(entry, "version_compatible", bool, "tensorrt.", False),
-                   max_rel_error={name: float(e) for name, e in errors.items()},
-                   tolerance=_get(entry, "tolerance", float, "tensorrt.", None))
-
-    def to_json(self) -> dict:
-        out = {"dir": self.dir, "compute_capability": self.compute_capability, "version": self.version}
-        if self.gpu_name is not None:
-            out["gpu_name"] = self.gpu_name
-        if self.version_compatible:
-            out["version_compatible"] = True
-        out["engines"] = {name: e.to_json() for name, e in self.engines.items()}
-        if self.max_rel_error:
-            out["max_rel_error"] = dict(self.max_rel_error)
-        if self.tolerance is not None:
-            out["tolerance"] = self.tolerance
-        return out
-
-
-def run_config_sha256(run_dir) -> str:
-    """What `source.config_sha256` records: the sha256 of a run's config.json bytes; for a MinImagen
-    directory, of its parameters/*.json files' bytes concatenated in sorted file-name order. Equal
-    hashes: a run with the same configuration (not necessarily the same checkpoint)."""
-    run_dir = Path(run_dir)
-    config = run_dir / "config.json"
-    files = [config] if config.is_file() else sorted((run_dir / "parameters").glob("*.json"), key=lambda p: p.name)
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Source:
-    """What the bundle was exported from: the run's folder name, the sha256 of its config.json and
-    the weights taken; the checkpoint's full path only when export was asked to record it."""
-
-    name: str | None = None
-    config_sha256: str | None = None
-    checkpoint: str | None = None
-    weights: str | None = None
-
-    @classmethod
-    def from_json(cls, entry) -> "Source | None":
-        if not isinstance(entry, dict):
-            return None
-        return cls(**{key: entry[key] if isinstance(entry.get(key), str) else None for key in cls.__annotations__})
-
-    def to_json(self) -> dict:
-        return {key: getattr(self, key) for key in self.__annotations__ if getattr(self, key) is not None}
 
 
 @dataclass(frozen=True)
@@ -382,31 +245,37 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"{MANIFEST} is not a JSON object; {REEXPORT}")
         if data.get("format") != FORMAT:
-            raise BundleError(f"{MANIFEST}: format is {data.get('format')!r}, not {FORMAT!r}; this is not an "
-                              "imagen bundle, pass the folder written by imagen-export")
+            raise BundleError(
+                f"{MANIFEST}: format is {data.get('format')!r}, not {FORMAT!r}; this is not an "
+                "imagen bundle, pass the folder written by imagen-export"
+            )
         version = data.get("format_version")
         if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
-            raise BundleError(f"{MANIFEST}: format_version {version!r} is not supported by this runtime (supported: "
-                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}); {REEXPORT} of this version or install a "
-                              "matching imagen-cascade")
-        sizes = _get(data, "image_sizes", list, "")
+            raise BundleError(
+                f"{MANIFEST}: format_version {version!r} is not supported by this runtime (supported: "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}); {REEXPORT} of this version or install a "
+                "matching imagen-cascade"
+            )
+        sizes = json_field(data, "image_sizes", list, "")
         if not sizes or not all(is_int(s) and s >= 1 for s in sizes) or sizes != sorted(set(sizes)):
-            raise _fail("image_sizes", f"{sizes!r} must be increasing positive integers")
-        text = _object(data.get("text"), "text")
+            raise json_error("image_sizes", f"{sizes!r} must be increasing positive integers")
+        text = json_object(data.get("text"), "text")
         names = stage_names(len(sizes))
-        stages = _object(data.get("stages"), "stages")
+        stages = json_object(data.get("stages"), "stages")
         for name in names:
             if name not in stages:
-                raise _fail("stages", f"stage {name!r} is missing (a bundle with image_sizes {sizes} has stages "
-                            f"{', '.join(names)})")
-        schedules = _object(data.get("schedules"), "schedules")
+                raise json_error(
+                    "stages",
+                    f"stage {name!r} is missing (a bundle with image_sizes {sizes} has stages {', '.join(names)})",
+                )
+        schedules = json_object(data.get("schedules"), "schedules")
         schedule_names = names[1:] + ([LOWRES] if len(sizes) > 1 else [])
         tensorrt = data.get("tensorrt")
         return cls(
-            channels=_get(data, "channels", int, ""),
+            channels=json_field(data, "channels", int, ""),
             image_sizes=tuple(sizes),
-            max_length=_get(text, "max_length", int, "text."),
-            embed_dim=_get(text, "embed_dim", int, "text."),
+            max_length=json_field(text, "max_length", int, "text."),
+            embed_dim=json_field(text, "embed_dim", int, "text."),
             tokenizer=TokenizerEntry.from_json(data.get("tokenizer")),
             schedules={name: ScheduleEntry.from_json(name, schedules.get(name)) for name in schedule_names},
             defaults=Defaults.from_json(data.get("defaults")),

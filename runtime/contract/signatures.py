@@ -136,7 +136,10 @@ def unet_signature(
         TensorSpec("text_keep", "bool", (BATCH,)),
     ]
     if lowres_cond:
-        inputs += [TensorSpec("lowres_cond_img", "float32", image), TensorSpec("lowres_noise_times", "float32", (BATCH,))]
+        inputs += [
+            TensorSpec("lowres_cond_img", "float32", image),
+            TensorSpec("lowres_noise_times", "float32", (BATCH,)),
+        ]
     return StageSignature(
         unet_name(index),
         inputs=tuple(inputs),
