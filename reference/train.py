@@ -68,8 +68,12 @@ class TrainConfig:
     val_batches: int = 2
     checkpoint_every: int = 200
     sample_every: int | None = None  # defaults to checkpoint_every; 0 turns samples off
-    sample_prompts: tuple = ("a small red circle on the left", "a large blue square in the middle",
-                             "a small green triangle at the top", "a large yellow circle on the right")
+    sample_prompts: tuple = (
+        "a small red circle on the left",
+        "a large blue square in the middle",
+        "a small green triangle at the top",
+        "a large yellow circle on the right",
+    )
     # Sample grids use the runtime's default sampler: all T ancestral DDPM steps per Unet took minutes on a CPU.
     preview_sampler: str = "dpmpp_2m"  # a key of imagen.reference.samplers.SAMPLERS
     preview_steps: int = 25  # per Unet, capped at its timesteps
@@ -88,8 +92,7 @@ def _check(config: TrainConfig) -> None:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    for name in ("batch_size", "steps", "grad_accum", "val_every", "checkpoint_every", "max_length",
-                 "preview_steps"):
+    for name in ("batch_size", "steps", "grad_accum", "val_every", "checkpoint_every", "max_length", "preview_steps"):
         positive(name, getattr(config, name))
     if config.preview_sampler not in SAMPLERS:
         raise ValueError(f"preview_sampler must be one of {', '.join(SAMPLERS)}, got {config.preview_sampler!r}")
@@ -130,14 +133,17 @@ class EmbeddingCache:
             if len(self.cache) + len(missing) > self.limit:
                 self.cache.clear()
             self.cache.update({c: (e, m) for c, e, m in zip(missing, embeds, mask)})
-        return (torch.stack([self.cache[c][0] for c in captions]),
-                torch.stack([self.cache[c][1] for c in captions]))
+        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
 
 
 def _prepare_run(config: TrainConfig) -> tuple[Imagen, TextEncoder, dict, Path]:
     out = Path(config.out)
-    if config.resume and out.is_dir() and not (out / "config.json").is_file() and all(
-            p.name == "text_encoder" or p.name.endswith(".tmp") for p in out.iterdir()):
+    if (
+        config.resume
+        and out.is_dir()
+        and not (out / "config.json").is_file()
+        and all(p.name == "text_encoder" or p.name.endswith(".tmp") for p in out.iterdir())
+    ):
         shutil.rmtree(out)  # a run killed before it wrote config.json: nothing to keep, start it again
     if config.resume and out.exists():
         if not (out / "config.json").is_file():
@@ -147,8 +153,10 @@ def _prepare_run(config: TrainConfig) -> tuple[Imagen, TextEncoder, dict, Path]:
         return build_imagen(run), TextEncoder.from_folder(out / "text_encoder"), run, out
     if out.exists() and any(out.iterdir()):
         if not config.force:
-            raise CheckpointError(f"{out} already exists and is not empty; pass --resume to continue it "
-                                  "or --force to start over (deleting it)")
+            raise CheckpointError(
+                f"{out} already exists and is not empty; pass --resume to continue it "
+                "or --force to start over (deleting it)"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if config.text_encoder == "tiny":
@@ -156,9 +164,13 @@ def _prepare_run(config: TrainConfig) -> tuple[Imagen, TextEncoder, dict, Path]:
     else:
         encoder = TextEncoder.from_folder(config.text_encoder, max_length=config.max_length)
     unets = [_unet_config(spec, config.unet_overrides, encoder.max_length) for spec in config.unets]
-    cascade = ImagenConfig(image_sizes=tuple(config.image_sizes), timesteps=config.timesteps,
-                           schedule=config.schedule, cond_drop_prob=config.cond_drop_prob,
-                           guidance_scale=config.guidance_scale)
+    cascade = ImagenConfig(
+        image_sizes=tuple(config.image_sizes),
+        timesteps=config.timesteps,
+        schedule=config.schedule,
+        cond_drop_prob=config.cond_drop_prob,
+        guidance_scale=config.guidance_scale,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         imagen = Imagen(unets, cascade, encoder.embed_dim)
@@ -184,14 +196,17 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, settings: d
 
 
 def _validation_loss(imagen: Imagen, data, embed, config: TrainConfig, trained: list[int]) -> float:
+    for unet in imagen.unets:
+        unet.eval()
     total = 0.0
     with torch.no_grad():
         for batch in range(config.val_batches):
             images, captions = draw_batch(data, config.batch_size, config.seed, batch, split_offset=1)
             embeds, mask = embed(captions)
             generator = torch.Generator().manual_seed(10_000 + batch)
-            total += sum(imagen.loss(images, embeds, mask, i, generator, config.lowres_max_noise_level).item()
-                         for i in trained)
+            total += sum(
+                imagen.loss(images, embeds, mask, i, generator, config.lowres_max_noise_level).item() for i in trained
+            )
     return total / config.val_batches
 
 
@@ -200,11 +215,87 @@ def _save_samples(imagen: Imagen, embed, config: TrainConfig, out: Path, step: i
 
     embeds, mask = embed(list(config.sample_prompts))
     steps = tuple(min(config.preview_steps, schedule.num_timesteps) for schedule in imagen.noise_schedulers)
-    images = imagen.sample(embeds, mask, sampler=config.preview_sampler, steps=steps,
-                           noise=np.random.default_rng(config.seed))
+    images = imagen.sample(
+        embeds, mask, sampler=config.preview_sampler, steps=steps, noise=np.random.default_rng(config.seed)
+    )
     images = to_uint8(images).numpy()  # (b, h, w, 3)
     grid = Image.fromarray(np.concatenate(list(images), axis=1))
     atomic_save(out / "samples" / f"step_{step:07d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+
+RESUMABLE = (
+    "steps",
+    "epochs",
+    "val_every",
+    "checkpoint_every",
+    "sample_every",
+    "threads",
+    "progress",
+    "train_unets",
+    "lowres_max_noise_level",
+    "preview_sampler",
+    "preview_steps",
+)
+
+
+def _resumed_config(config: TrainConfig, run: dict, out: Path) -> TrainConfig:
+    """The run's own saved settings, except the length, intervals, phase and previews, which a resume may change."""
+    saved = {**run["train"], **{k: getattr(config, k) for k in RESUMABLE}}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kept = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in saved.items()
+        if k in names and k not in ("out", "resume", "force")
+    }
+    return TrainConfig(out=str(out), resume=True, **kept)
+
+
+def _train_step(
+    imagen: Imagen, data, embed, config: TrainConfig, trained: list[int], params: list, optimizer, ema: dict, step: int
+) -> float:
+    """One optimizer step over `grad_accum` micro-batches, then the EMA update; returns the mean loss."""
+    for unet in imagen.unets:
+        unet.train()
+    loss_value = 0.0
+    for micro in range(config.grad_accum):
+        images, captions = draw_batch(data, config.batch_size, config.seed, step * config.grad_accum + micro)
+        embeds, mask = embed(captions)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + micro)
+        loss = sum(imagen.loss(images, embeds, mask, i, generator, config.lowres_max_noise_level) for i in trained)
+        # Averaged over the accumulated micro-batches (MinImagen sums them).
+        (loss / config.grad_accum).backward()
+        loss_value += loss.item() / config.grad_accum
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in imagen.unets.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(config.ema_decay).add_(v, alpha=1 - config.ema_decay)
+            else:
+                ema[k].copy_(v)
+    return loss_value
+
+
+def _restore(checkpoint: Path, imagen: Imagen, optimizer) -> tuple[dict, int, float]:
+    """Loads a checkpoint's weights and optimizer state; returns (EMA weights, step, best validation loss)."""
+    from safetensors.torch import load_file
+
+    imagen.unets.load_state_dict({k[6:]: v for k, v in load_file(checkpoint / "model.safetensors").items()})
+    ema = {k[6:]: v for k, v in load_file(checkpoint / "ema.safetensors").items()}
+    state = json.loads((checkpoint / "state.json").read_text())
+    _load_optimizer(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+    return ema, state["step"], state["best_val_loss"]
+
+
+def _save_best(imagen: Imagen, out: Path, step: int, val_loss: float) -> None:
+    save_safetensors_atomic(
+        {f"unets.{k}": v for k, v in imagen.unets.state_dict().items()},
+        out / "best.safetensors",
+        metadata={"step": str(step), "val_loss": repr(val_loss)},
+    )
 
 
 def train(config: TrainConfig, log=None) -> dict:
@@ -213,14 +304,8 @@ def train(config: TrainConfig, log=None) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     imagen, encoder, run, out = _prepare_run(config)
-    if config.resume:  # the run's own settings win; only the length, intervals, phase and previews may change
-        saved = {**run["train"], **{k: getattr(config, k) for k in (
-            "steps", "epochs", "val_every", "checkpoint_every", "sample_every", "threads", "progress",
-            "train_unets", "lowres_max_noise_level", "preview_sampler", "preview_steps")}}
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                if k in names and k not in ("out", "resume", "force")}
-        config = TrainConfig(out=str(out), resume=True, **kept)
+    if config.resume:
+        config = _resumed_config(config, run, out)
     trained = list(config.train_unets) if config.train_unets is not None else list(range(len(imagen.unets)))
     data = make_dataset(config.dataset, max(imagen.image_sizes), seed=config.seed)
     val_data = ShapesData(max(imagen.image_sizes), seed=config.seed + 1) if config.dataset == "shapes" else data
@@ -235,20 +320,17 @@ def train(config: TrainConfig, log=None) -> dict:
 
     checkpoint = latest_checkpoint(out) if config.resume else None
     if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        imagen.unets.load_state_dict({k[6:]: v for k, v in load_file(checkpoint / "model.safetensors").items()})
-        ema = {k[6:]: v for k, v in load_file(checkpoint / "ema.safetensors").items()}
-        state = json.loads((checkpoint / "state.json").read_text())
-        _load_optimizer(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
-        step, best_val = state["step"], state["best_val_loss"]
+        ema, step, best_val = _restore(checkpoint, imagen, optimizer)
 
     def checkpoint_now(at_step: int):
         model = {f"unets.{k}": v for k, v in imagen.unets.state_dict().items()}
         optim_tensors, optim_settings = _optimizer_tensors(optimizer)
-        save_checkpoint(out, at_step, {"model": model, "ema": {f"unets.{k}": v for k, v in ema.items()},
-                                       "optimizer": optim_tensors},
-                        {"step": at_step, "best_val_loss": best_val, "optimizer": optim_settings})
+        save_checkpoint(
+            out,
+            at_step,
+            {"model": model, "ema": {f"unets.{k}": v for k, v in ema.items()}, "optimizer": optim_tensors},
+            {"step": at_step, "best_val_loss": best_val, "optimizer": optim_settings},
+        )
 
     show = sys.stderr.isatty() if config.progress is None else config.progress
     from tqdm import tqdm
@@ -260,41 +342,15 @@ def train(config: TrainConfig, log=None) -> dict:
     last_loss = float("nan")
     try:
         while step < total_steps:
-            for unet in imagen.unets:
-                unet.train()
-            loss_value = 0.0
-            for micro in range(config.grad_accum):
-                images, captions = draw_batch(data, config.batch_size, config.seed, step * config.grad_accum + micro)
-                embeds, mask = embed(captions)
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + micro)
-                loss = sum(imagen.loss(images, embeds, mask, i, generator, config.lowres_max_noise_level)
-                           for i in trained)
-                # Averaged over the accumulated micro-batches (MinImagen sums them).
-                (loss / config.grad_accum).backward()
-                loss_value += loss.item() / config.grad_accum
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for k, v in imagen.unets.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].mul_(config.ema_decay).add_(v, alpha=1 - config.ema_decay)
-                    else:
-                        ema[k].copy_(v)
+            loss_value = _train_step(imagen, data, embed, config, trained, params, optimizer, ema, step)
             step += 1
             last_loss = loss_value
             record = {"step": step, "loss": loss_value, "time": round(time.time() - started, 3)}
             if step % config.val_every == 0 or step == total_steps:
-                for unet in imagen.unets:
-                    unet.eval()
                 record["val_loss"] = _validation_loss(imagen, val_data, embed, config, trained)
                 if record["val_loss"] < best_val:
                     best_val = record["val_loss"]
-                    save_safetensors_atomic({f"unets.{k}": v for k, v in imagen.unets.state_dict().items()},
-                                            out / "best.safetensors",
-                                            metadata={"step": str(step), "val_loss": repr(best_val)})
+                    _save_best(imagen, out, step, best_val)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if log is not None:
@@ -307,8 +363,9 @@ def train(config: TrainConfig, log=None) -> dict:
                     _save_samples(imagen, embed, config, out, step)
     except KeyboardInterrupt as interrupt:
         checkpoint_now(step)
-        raise TrainingInterrupted(f"interrupted at step {step}; the checkpoint is saved, continue with "
-                                  f"imagen-train --out {out} --resume") from interrupt
+        raise TrainingInterrupted(
+            f"interrupted at step {step}; the checkpoint is saved, continue with imagen-train --out {out} --resume"
+        ) from interrupt
     finally:
         bar.close()
         log_file.close()
