@@ -1,0 +1,23 @@
+"""imagen-serve: an HTTP service that batches concurrent requests into engine batches (docs/serving.md).
+
+    imagen-serve --bundle bundle/ --port 8000          # or: python -m imagen.runtime.serve.cli
+    curl -s localhost:8000/v1/images/generations -d '{"prompt": "a red circle", "size": "64x64"}'
+
+Modules: `batching` (the request queue and batcher: asyncio and a worker thread, no web imports),
+`engine` (one engine batch from many requests, over the runtime's public seams), `schema` (the
+request body and the error bodies), `metrics` (Prometheus), `app` (`create_app`: FastAPI routes)
+and `cli` (uvicorn). The web stack (FastAPI, uvicorn, prometheus-client: the `serve` extra) is
+imported here only, and only by `app`, `schema`, `metrics` and `cli`; the rest of
+`imagen.runtime` never imports this package.
+"""
+
+__all__ = ["create_app", "ServeConfig"]
+
+
+def __getattr__(name):
+    # lazy, so that `imagen.runtime.serve.batching` and `.engine` import without the web stack
+    if name in __all__:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
