@@ -57,47 +57,10 @@ PREFIX = ""  # imagen-eval's lines are `error: ...`
 @click.option("--force", is_flag=True, help="Overwrite an existing --grid file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(
-    bundle,
-    split,
-    n,
-    sampler,
-    steps,
-    guidance,
-    sr_strength,
-    seed,
-    batch_size,
-    backend,
-    threads,
-    grid,
-    as_json,
-    force,
-    quiet,
-    debug,
-):
+def main(debug, **options):
     """Generate images for N `shapes` captions and report accuracy per attribute
     (colour, shape, size, position), the exact-match rate and images per second."""
-    run_command(
-        lambda: _run(
-            bundle,
-            split,
-            n,
-            sampler,
-            steps,
-            guidance,
-            sr_strength,
-            seed,
-            batch_size,
-            backend,
-            threads,
-            grid,
-            as_json,
-            force,
-            quiet,
-        ),
-        debug=debug,
-        prefix=PREFIX,
-    )
+    run_command(lambda: _run(**options), debug=debug, prefix=PREFIX)
 
 
 def _run(
