@@ -34,7 +34,7 @@ def _int_list(value: str | None) -> tuple | None:
     "unets",
     multiple=True,
     help="Unet preset (Base, Super, BaseTest, SuperTest) or a JSON "
-    "file of Unet parameters, once per stage. Default: BaseTest, SuperTest.",
+    "file of Unet parameters, once per stage. Default: BaseTest, then SuperTest for every further image size.",
 )
 @click.option("--dim", type=int, default=None, help="Override every Unet's dim.")
 @click.option("--image-sizes", default="32,64", show_default=True, help="Image size per Unet.")
@@ -125,7 +125,7 @@ def main(
         config = TrainConfig(
             out=out,
             dataset=dataset,
-            unets=tuple(unets) or ("BaseTest", "SuperTest")[: len(sizes)],
+            unets=tuple(unets) or ("BaseTest",) + ("SuperTest",) * (len(sizes) - 1),
             unet_overrides={"dim": dim} if dim else {},
             image_sizes=sizes,
             timesteps=timesteps,
