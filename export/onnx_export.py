@@ -9,6 +9,7 @@ import contextlib
 import io
 import logging
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -216,7 +217,11 @@ def convert_fp16(src: Path, dst: Path, external_data_threshold: int = EXTERNAL_D
     large = sum(t.ByteSize() for t in half.graph.initializer) > external_data_threshold
     # Without `location` onnx names the data file by a fresh UUID; name it as the exporter does.
     onnx.save(half, str(dst), save_as_external_data=large, location=f"{dst.name}.data")
-    return [dst] + external_data_files(dst)
+    files = [dst] + external_data_files(dst)
+    mode = stat.S_IMODE(dst.stat().st_mode)  # onnx may write the data through a 0600 temporary file:
+    for file in files[1:]:  # give it the permissions the model file got from the umask
+        os.chmod(file, mode)
+    return files
 
 
 def _drop_redundant_casts(graph) -> None:

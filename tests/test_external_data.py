@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,8 @@ def test_fp16_conversion_keeps_external_data_beside_the_model(bundle_fp32, tmp_p
     assert convert_fp16(source, outside, external_data_threshold=0) == [outside, Path(f"{outside}.data")]
     assert convert_fp16(source, inside) == [inside]
     assert sorted(p.name for p in outside.parent.iterdir()) == ["unet_0.onnx", "unet_0.onnx.data"]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in outside.parent.iterdir()}
+    assert modes["unet_0.onnx.data"] == modes["unet_0.onnx"]  # not the 0600 of a temporary file
     assert referenced_locations(outside) == {"unet_0.onnx.data"}
     onnx.checker.check_model(str(outside), full_check=True)
     signature = load_bundle(bundle_fp32).stages["unet_0"].signature
