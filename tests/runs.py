@@ -21,6 +21,22 @@ TINY = dict(
 )
 
 
+# MinImagen's imagen_params_<timestamp>.json, as its training script writes it (every default filled in).
+MINIMAGEN_PARAMS = {
+    "text_embed_dim": None,
+    "channels": 3,
+    "timesteps": 25,
+    "cond_drop_prob": 0.15,
+    "loss_type": "l2",
+    "lowres_sample_noise_level": 0.2,
+    "auto_normalize_img": True,
+    "dynamic_thresholding_percentile": 0.9,
+    "only_train_unet_number": None,
+    "image_sizes": [16, 32],
+    "text_encoder_name": "t5_small",
+}
+
+
 def write_minimagen_directory(root, t5_folder):
     """A training directory in MinImagen's layout, with state dicts whose names and shapes are
     those of MinImagen's own modules (tests/data, recorded from its Unet)."""
@@ -32,23 +48,7 @@ def write_minimagen_directory(root, t5_folder):
     (root / "state_dicts").mkdir()
     (root / "tmp").mkdir()
     stamp = "20220816_165729"
-    (params / f"imagen_params_{stamp}.json").write_text(
-        json.dumps(
-            {
-                "text_embed_dim": None,
-                "channels": 3,
-                "timesteps": 25,
-                "cond_drop_prob": 0.15,
-                "loss_type": "l2",
-                "lowres_sample_noise_level": 0.2,
-                "auto_normalize_img": True,
-                "dynamic_thresholding_percentile": 0.9,
-                "only_train_unet_number": None,
-                "image_sizes": [16, 32],
-                "text_encoder_name": "t5_small",
-            }
-        )
-    )
+    (params / f"imagen_params_{stamp}.json").write_text(json.dumps(MINIMAGEN_PARAMS))
     generator = torch.Generator().manual_seed(0)
     for index, case in enumerate(("base_attn", "super_me")):
         config = {k: v for k, v in keys[case]["config"].items()}

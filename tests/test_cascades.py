@@ -18,6 +18,8 @@ from imagen.reference.images import to_uint8
 from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.unet import Unet, UnetConfig
 
+from runs import MINIMAGEN_PARAMS
+
 STAMP = "20220816_165729"
 WIDTH = 32  # the test T5's d_model
 # MinImagen's parameters files hold every Unet argument, its defaults filled in (get_default_args).
@@ -46,19 +48,6 @@ SUPER = dict(
     attn_heads=2,
     memory_efficient=True,
 )
-IMAGEN = {
-    "text_embed_dim": None,
-    "channels": 3,
-    "timesteps": 25,
-    "cond_drop_prob": 0.15,
-    "loss_type": "l2",
-    "lowres_sample_noise_level": 0.2,
-    "auto_normalize_img": True,
-    "dynamic_thresholding_percentile": 0.9,
-    "only_train_unet_number": None,
-    "image_sizes": [16, 32],
-    "text_encoder_name": "t5_small",
-}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +61,7 @@ def write_parameters(root, unets=(BASE, SUPER), stamp=STAMP, **imagen):
     """parameters/ as MinImagen's save_training_info writes it; state_dicts/ and tmp/ empty."""
     for sub in ("parameters", "state_dicts", "tmp"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    params = {**IMAGEN, "image_sizes": IMAGEN["image_sizes"][: len(unets)], **imagen}
+    params = {**MINIMAGEN_PARAMS, "image_sizes": MINIMAGEN_PARAMS["image_sizes"][: len(unets)], **imagen}
     (root / "parameters" / f"imagen_params_{stamp}.json").write_text(json.dumps(params, indent=4))
     for index, unet in enumerate(unets):
         (root / "parameters" / f"unet_{index}_params_{stamp}.json").write_text(json.dumps({**UNET_DEFAULTS, **unet}))
@@ -193,10 +182,12 @@ def _broken(case, root):
     """Damages a complete two-Unet directory; returns the file name the error must name."""
     params = root / "parameters"
     if case == "missing params file":
-        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**IMAGEN, "image_sizes": [16, 32, 64]}))
+        (params / f"imagen_params_{STAMP}.json").write_text(
+            json.dumps({**MINIMAGEN_PARAMS, "image_sizes": [16, 32, 64]})
+        )
         return f"unet_2_params_{STAMP}.json"
     if case == "extra params file":
-        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**IMAGEN, "image_sizes": [16]}))
+        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**MINIMAGEN_PARAMS, "image_sizes": [16]}))
         return f"unet_1_params_{STAMP}.json"
     if case == "extra weights":
         save_weights(root, f"state_dicts/unet_2_state_{STAMP}.pth", 1, seed=9)
@@ -239,10 +230,12 @@ def _broken(case, root):
         )
         return f"unet_0_params_{STAMP}.json: num_resnet_blocks has 3 entries"
     if case == "too few timesteps":
-        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**IMAGEN, "timesteps": 10}))
+        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**MINIMAGEN_PARAMS, "timesteps": 10}))
         return f"imagen_params_{STAMP}.json: the linear schedule needs timesteps > 20"
     if case == "bad only_train_unet_number":
-        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**IMAGEN, "only_train_unet_number": 3}))
+        (params / f"imagen_params_{STAMP}.json").write_text(
+            json.dumps({**MINIMAGEN_PARAMS, "only_train_unet_number": 3})
+        )
         return f"imagen_params_{STAMP}.json gives only_train_unet_number 3"
     if case == "unreadable params":
         (params / f"imagen_params_{STAMP}.json").write_text("{not json")
@@ -252,7 +245,7 @@ def _broken(case, root):
             save_weights(root, f"state_dicts/unet_{i}_state_{STAMP}.pth", i, seed=i, width=48)
         return f"unet_0_state_{STAMP}.pth was trained on text embeddings of width 48"
     if case == "declared text width":
-        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**IMAGEN, "text_embed_dim": 768}))
+        (params / f"imagen_params_{STAMP}.json").write_text(json.dumps({**MINIMAGEN_PARAMS, "text_embed_dim": 768}))
         return f"imagen_params_{STAMP}.json gives text_embed_dim 768"
     raise AssertionError(case)
 
