@@ -2,10 +2,14 @@
 
 `resize_image` enlarges: bilinear, half-pixel centres, edge clamp, no antialiasing (PyTorch's
 interpolate(mode="bilinear", align_corners=False)), separable. `to_uint8` quantizes the final
-images. The NumPy twin of `imagen.reference.images` (torch), which also shrinks (training only).
+images. The array-API twin of `imagen.reference.images` (torch), which also shrinks (training
+only). Images may be arrays of any array API namespace; the interpolation weights and indices are
+computed with NumPy on the host (they depend on the sizes only) and moved next to the images.
 """
 
 import numpy as np
+
+from .arrays import namespace, to_namespace
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -20,22 +24,30 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return i0, i1, w1
 
 
-def resize_image(x: np.ndarray, size: int) -> np.ndarray:
+def _interpolate(x, axis: int, size: int):
+    """x enlarged to `size` along `axis` (-2: rows, -1: columns): x[i0] (1 - w1) + x[i1] w1."""
+    xp = namespace(x)
+    i0, i1, w1 = _axis_weights(x.shape[axis], size)
+    shape = (-1, 1) if axis == -2 else (-1,)
+    w0, w1 = (xp.reshape(to_namespace(xp, w, like=x), shape) for w in (np.float32(1) - w1, w1))
+    i0, i1 = (to_namespace(xp, i, like=x) for i in (i0, i1))
+    return xp.take(x, i0, axis=axis) * w0 + xp.take(x, i1, axis=axis) * w1
+
+
+def resize_image(x, size: int):
     """Enlarges (b, c, h, w) float32 images to (b, c, size, size); same size is returned as is."""
     h, w = x.shape[-2:]
     if h == size and w == size:
         return x
     if size < h or size < w:
         raise ValueError(f"the runtime only enlarges images ({h}x{w} -> {size}x{size})")
-    i0, i1, wy = _axis_weights(h, size)
-    rows = x[..., i0, :] * (np.float32(1) - wy)[:, None] + x[..., i1, :] * wy[:, None]
-    j0, j1, wx = _axis_weights(w, size)
-    out = rows[..., j0] * (np.float32(1) - wx) + rows[..., j1] * wx
-    return out.astype(x.dtype, copy=False)
+    out = _interpolate(_interpolate(x, -2, size), -1, size)
+    return out if out.dtype == x.dtype else namespace(x).astype(out, x.dtype)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
+def to_uint8(images):
     """(b, c, h, w) images in [0, 1] -> uint8 (b, h, w, c): floor(clip(images, 0, 1) * 255 + 0.5),
-    in the images' float dtype (float32 for the cascade's output)."""
-    quantized = np.floor(np.clip(images, 0, 1) * np.float32(255) + np.float32(0.5))
-    return quantized.astype(np.uint8).transpose(0, 2, 3, 1)
+    in the images' float dtype (float32 for the cascade's output), in the images' namespace."""
+    xp = namespace(images)
+    quantized = xp.floor(xp.clip(images, 0.0, 1.0) * 255.0 + 0.5)
+    return xp.permute_dims(xp.astype(quantized, xp.uint8), (0, 2, 3, 1))

@@ -8,6 +8,11 @@
 Quiet: the library prints nothing; pass `callback(stage_index, step_index, t, x)` to
 follow progress (the CLI draws progress bars with it). A pipeline keeps no state between
 requests, so one pipeline serves several threads and a failed request leaves it usable.
+
+The loop runs in the array namespace of the Unet backends (`array_namespace`, runtime/arrays.py):
+NumPy with ONNX Runtime on the CPU, CuPy with backends that keep their arrays on a GPU. Tokens
+and noise (drawn on the host, so a seed makes the same image on every backend) go there once;
+only the final images come back.
 """
 
 import secrets
@@ -18,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import backend_device, backend_namespace, device, namespace, to_namespace, to_numpy
 from .backends import check_backend_options, open_backends
 from .bundle import Bundle, load_bundle
 from .contract import LOWRES, MANIFEST, TEXT_ENCODER
-from .errors import BundleError, NonFiniteError, ParameterError
+from .errors import BackendError, BundleError, NonFiniteError, ParameterError
 from .guidance import GuidedDenoiser
 from .images import resize_image, to_uint8
 from .samplers import run_sampler, spaced_timesteps
@@ -60,6 +66,11 @@ class Pipeline:
         self.backend_name = backend_name
         self.max_batch = bundle.max_batch
         self.num_unets = len(bundle.unets)
+        namespaces = {backend_namespace(backends[stage.name]) for stage in bundle.unets}
+        if len(namespaces) != 1:
+            raise BackendError("the Unet backends keep their arrays in different namespaces; open them alike")
+        self.xp = namespaces.pop()
+        self.device = backend_device(backends[bundle.unets[0].name])
 
     @classmethod
     def load(cls, path=None, backend: str = "auto", providers=None, threads: int | None = None) -> "Pipeline":
@@ -118,12 +129,34 @@ class Pipeline:
             )
         return prompts
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        embeds = self.backends[TEXT_ENCODER].run({"input_ids": input_ids, "attention_mask": attention_mask})
-        embeds = embeds["text_embeds"]
-        if not np.all(np.isfinite(embeds)):
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """Text embeddings (B, L, D) float32 for tokens (B, L) int64, in the encoder backend's namespace."""
+        encoder = self.backends[TEXT_ENCODER]
+        xp, where = backend_namespace(encoder), backend_device(encoder)
+        feeds = {
+            name: to_namespace(xp, tokens, device=where)
+            for name, tokens in (("input_ids", input_ids), ("attention_mask", attention_mask))
+        }
+        embeds = encoder.run(feeds)["text_embeds"]
+        if not bool(xp.all(xp.isfinite(embeds))):
             raise NonFiniteError(TEXT_ENCODER)
         return embeds
+
+    def text_conditioning(self, text_embeds, attention_mask, repeats) -> tuple:
+        """(text_embeds, text_mask) for the Unets, in the loop's namespace: row i of the encoder's
+        output repeated `repeats[i]` times (an int: every row that many times), the mask as bool."""
+        xp = self.xp
+        text_embeds = to_namespace(xp, text_embeds, device=self.device)
+        mask = to_namespace(xp, attention_mask, like=text_embeds)
+        if isinstance(repeats, (list, tuple)):
+            repeats = to_namespace(xp, np.asarray(repeats, dtype=np.int64), like=text_embeds)
+        else:
+            repeats = int(repeats)
+        return xp.repeat(text_embeds, repeats, axis=0), xp.astype(xp.repeat(mask, repeats, axis=0), xp.bool)
+
+    def to_images(self, x) -> np.ndarray:
+        """The cascade's x in [-1, 1] as uint8 (B, s, s, 3) images on the host."""
+        return to_numpy(to_uint8((x + 1.0) / 2.0))
 
     def __call__(
         self,
@@ -169,11 +202,10 @@ class Pipeline:
         timings[f"engine:{TEXT_ENCODER}"] = timings["engine"] = time.perf_counter() - engine_start
         timings["engine_calls"] = 1
         repeat = num_images_per_prompt
-        text_embeds = np.repeat(text_embeds, repeat, axis=0)
-        text_mask = np.repeat(attention_mask, repeat, axis=0).astype(bool)
+        text_embeds, text_mask = self.text_conditioning(text_embeds, attention_mask, repeat)
         timings["text"] = time.perf_counter() - start
         x = self.sample(text_embeds, text_mask, noise, settings, callback=callback, timings=timings)
-        array = to_uint8((x + np.float32(1)) / np.float32(2))
+        array = self.to_images(x)
         timings["total"] = time.perf_counter() - start
         info = [
             {
@@ -192,16 +224,25 @@ class Pipeline:
 
     def sample(
         self,
-        text_embeds: np.ndarray,
-        text_mask: np.ndarray,
+        text_embeds,
+        text_mask,
         noise: Callable,
         settings: Settings,
         *,
         callback: Callable | None = None,
         timings: dict | None = None,
-    ) -> np.ndarray:
-        """The cascade on encoded text: x (B, C, s, s) in [-1, 1] after the last Unet. `noise(shape)`
-        draws every random number, in the order of docs/bundle.md."""
+    ):
+        """The cascade on encoded text: x (B, C, s, s) in [-1, 1] after the last Unet, in the loop's
+        namespace. `noise(shape)` draws every random number, in the order of docs/bundle.md (NumPy
+        arrays, or arrays of the loop's namespace); text_embeds and text_mask are moved there too."""
+        xp = self.xp
+        text_embeds = to_namespace(xp, text_embeds, device=self.device)
+        text_mask = to_namespace(xp, text_mask, like=text_embeds)
+        host_noise = noise
+
+        def noise(shape):
+            return to_namespace(xp, host_noise(shape), like=text_embeds)
+
         timings = {} if timings is None else timings
         for key, zero in (("resize", 0.0), ("engine", 0.0), ("engine_calls", 0)):
             timings.setdefault(key, zero)
@@ -234,20 +275,23 @@ class Pipeline:
             x = run_sampler(
                 settings.sampler, denoise, x, schedule.alphas_cumprod, timesteps, noise, settings.eta, step_callback
             )
-            if not np.all(np.isfinite(x)):
+            if not bool(xp.all(xp.isfinite(x))):
                 raise NonFiniteError(stage.name, denoise.calls - 1)
-            x = np.clip(x, np.float32(-1), np.float32(1))
+            x = xp.clip(x, -1.0, 1.0)
             timings[stage.name] = time.perf_counter() - stage_start
             timings[f"engine:{stage.name}"] = denoise.engine_seconds
             timings["engine"] += denoise.engine_seconds
             timings["engine_calls"] += denoise.calls
         return x
 
-    def _lowres_inputs(self, upsampled: np.ndarray, noise: Callable, level: float) -> dict:
+    def _lowres_inputs(self, upsampled, noise: Callable, level: float) -> dict:
         """The noised low-res conditioning of a super-resolution Unet (normalise, then noise)."""
         schedule = self.bundle.schedules[LOWRES]
         t_aug = schedule.noise_level_timestep(level)
+        xp = namespace(upsampled)
         return {
-            "lowres_cond_img": schedule.q_sample(upsampled, t_aug, noise(upsampled.shape)),
-            "lowres_noise_times": np.full((upsampled.shape[0],), float(t_aug), dtype=np.float32),
+            "lowres_cond_img": schedule.q_sample(upsampled, t_aug, noise(tuple(upsampled.shape))),
+            "lowres_noise_times": xp.full(
+                (upsampled.shape[0],), float(t_aug), dtype=xp.float32, device=device(upsampled)
+            ),
         }

@@ -7,8 +7,10 @@ of each step, before they touch an image (docs/bundle.md, Sampling). The step af
 timestep goes to alpha_cumprod = 1 (no noise), so every sampler returns a clean image after
 `len(timesteps)` model calls.
 
-The NumPy twin of `imagen.reference.samplers` (torch): same names, formulas, order of float32
-operations and noise draws. Keep the two files line for line alike (docs/bundle.md, Twins).
+The array-API twin of `imagen.reference.samplers` (torch): same names, formulas, order of float32
+operations and noise draws. Keep the two files line for line alike (docs/bundle.md, Twins). The
+images may be arrays of any array API namespace (NumPy, CuPy, ...): the samplers only add and
+multiply them by Python floats, so they stay in their namespace and on their device.
 """
 
 import math
@@ -16,14 +18,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-Array = np.ndarray
+Array = object  # an array of any array API namespace (numpy.ndarray, cupy.ndarray, ...)
 Denoise = Callable[[Array, int], Array]  # (x, t) -> x0
 Noise = Callable[[tuple], Array]  # shape -> standard normal float32 draws
 
 
-def _f32(value: float) -> np.float32:
-    """A float64 coefficient cast to float32: the only way a coefficient meets an image."""
-    return np.float32(value)
+def _f32(value: float) -> float:
+    """A float64 coefficient rounded to float32: the only way a coefficient meets an image. It is
+    returned as a Python float, which a float32 array of any namespace takes as a float32 scalar."""
+    return float(np.float32(value))
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:

@@ -1,7 +1,7 @@
 """The noise schedule, from the manifest's float64 betas (docs/bundle.md, Schedule).
 
 Everything is float64; `coef(name, t)` casts one coefficient to float32, which is how a
-coefficient meets an image. The NumPy twin of `imagen.reference.diffusion.GaussianDiffusion`
+coefficient meets an image. The array-API twin of `imagen.reference.diffusion.GaussianDiffusion`
 for what sampling needs: `q_sample`, `predict_start_from_noise`, `noise_level_timestep`
 (the timesteps themselves come from `samplers.spaced_timesteps`).
 """
@@ -37,13 +37,19 @@ class Schedule:
         """One coefficient at t, taken in float64 and cast to float32."""
         return np.float32(getattr(self, name)[t])
 
-    def q_sample(self, x0: np.ndarray, t: int, noise: np.ndarray) -> np.ndarray:
-        """DDPM eq. 4 at one timestep: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, in float32."""
-        return self.coef("sqrt_alphas_cumprod", t) * x0 + self.coef("sqrt_one_minus_alphas_cumprod", t) * noise
+    def _scalar(self, name: str, t: int) -> float:
+        """coef(name, t) as a Python float, which arrays of any namespace take as a float32 scalar."""
+        return float(self.coef(name, t))
 
-    def predict_start_from_noise(self, x_t: np.ndarray, t: int, noise: np.ndarray) -> np.ndarray:
+    def q_sample(self, x0, t: int, noise):
+        """DDPM eq. 4 at one timestep: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, in float32 (arrays of
+        any array API namespace)."""
+        return self._scalar("sqrt_alphas_cumprod", t) * x0 + self._scalar("sqrt_one_minus_alphas_cumprod", t) * noise
+
+    def predict_start_from_noise(self, x_t, t: int, noise):
         """Inverts q_sample for x0 given the predicted noise (DDPM eq. 15), in float32."""
-        return self.coef("sqrt_recip_alphas_cumprod", t) * x_t - self.coef("sqrt_recipm1_alphas_cumprod", t) * noise
+        recip, recipm1 = self._scalar("sqrt_recip_alphas_cumprod", t), self._scalar("sqrt_recipm1_alphas_cumprod", t)
+        return recip * x_t - recipm1 * noise
 
     def noise_level_timestep(self, level: float) -> int:
         """int(level * T): the timestep of a noise level in [0, 1] (the low-res augmentation's)."""

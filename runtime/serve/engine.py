@@ -3,9 +3,10 @@
 `prepare` checks a request and tokenizes its prompt (on the event loop: cheap, and a bad request
 fails before it queues). `run_batch` runs requests that share their settings as one batch:
 
-    text_embeds = pipe.encode(ids, mask)                 # one row per request, then each row repeated n_i times
+    text_embeds = pipe.encode(ids, mask)
+    text_embeds, text_mask = pipe.text_conditioning(text_embeds, mask, counts)  # row i repeated n_i times
     x = pipe.sample(text_embeds, text_mask, noise, settings)
-    images = to_uint8((x + 1) / 2)                       # float32, as Pipeline.__call__
+    images = pipe.to_images(x)                           # uint8 on the host, as Pipeline.__call__
 
 where `noise(shape)` stacks, request by request in batch order, each request's own draws
 `Generator(PCG64(seed_i)).standard_normal((n_i, *shape[1:]), float32)`. Every draw the cascade makes
@@ -22,7 +23,6 @@ import time
 import numpy as np
 
 from imagen.runtime.contract import TEXT_ENCODER
-from imagen.runtime.images import to_uint8
 from imagen.runtime.settings import MAX_SEED, Settings
 
 
@@ -100,10 +100,9 @@ def run_batch(pipe, requests: list[ImageRequest]) -> list[Images]:
     timings = {"engine_calls": 1}
     text_embeds = pipe.encode(input_ids, attention_mask)
     timings["engine"] = timings[f"engine:{TEXT_ENCODER}"] = timings["text"] = time.perf_counter() - start
-    text_embeds = np.repeat(text_embeds, counts, axis=0)
-    text_mask = np.repeat(attention_mask, counts, axis=0).astype(bool)
+    text_embeds, text_mask = pipe.text_conditioning(text_embeds, attention_mask, counts)
     x = pipe.sample(text_embeds, text_mask, batch_noise(requests), settings, timings=timings)
-    array = to_uint8((x + np.float32(1)) / np.float32(2))
+    array = pipe.to_images(x)
     timings["batch"] = time.perf_counter() - start
     batch = {"images": int(array.shape[0]), "requests": len(requests)}
     results, row = [], 0
