@@ -98,11 +98,19 @@ def _versions() -> dict:
     }
 
 
-def load_checkpoint(ckpt: str | Path, weights: str = "latest", text_encoder: str | Path | None = None) -> Run:
-    """A run directory of this project, or a MinImagen training directory (needs `text_encoder`)."""
+def load_checkpoint(
+    ckpt: str | Path, weights: str = "latest", text_encoder: str | Path | None = None, unets: int | None = None
+) -> Run:
+    """A run directory of this project, or a MinImagen training directory (needs `text_encoder`;
+    `unets=K` takes only its first K Unets, for a cascade whose later Unets are not trained yet)."""
     ckpt = Path(ckpt)
     if (ckpt / "parameters").is_dir() and not (ckpt / "config.json").exists():
-        return load_minimagen_run(ckpt, text_encoder)
+        return load_minimagen_run(ckpt, text_encoder, unets)
+    if unets is not None:
+        raise ExportError(
+            f"--unets applies to MinImagen training directories; {ckpt} is a run of imagen-train, "
+            "whose whole cascade is exported: drop --unets"
+        )
     run = load_run(ckpt, weights)
     if text_encoder is not None:
         encoder = TextEncoder.from_folder(text_encoder, max_length=run.text_encoder.max_length)
@@ -153,6 +161,7 @@ def export_bundle(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     record_source_path: bool = False,
     tensorrt_version_compatible: bool = False,
+    unets: int | None = None,
     report: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Exports every stage, measures parity, optionally builds TensorRT engines; returns the manifest.
@@ -161,7 +170,8 @@ def export_bundle(
     timestep; sr_strength 1: super-resolution from pure noise). A stage whose weights exceed
     `external_data_threshold` bytes keeps them in external data files (0: every stage).
     The manifest names the run and hashes its config; `record_source_path` adds the run's full path.
-    `tensorrt_version_compatible` builds engines that later TensorRT versions and the lean runtime load."""
+    `tensorrt_version_compatible` builds engines that later TensorRT versions and the lean runtime load.
+    `unets=K` exports the first K Unets of a MinImagen directory (a complete, smaller cascade)."""
     say = report or (lambda message: None)
     out = Path(out)
     _check_options(sampler, steps, sr_strength, max_batch, external_data_threshold)
@@ -171,7 +181,7 @@ def export_bundle(
         raise ExportError(
             f"{out} already exists; pass --force to replace it (the old bundle stays until the new one is complete)"
         )
-    run = load_checkpoint(ckpt, weights, text_encoder)
+    run = load_checkpoint(ckpt, weights, text_encoder, unets)
     timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
     if steps is not None and steps > timesteps:
         raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {steps}")

@@ -76,6 +76,13 @@ PREFIX = "imagen-export: "
     is_flag=True,
     help="Also record the run's absolute path in the manifest (by default only its folder name and config hash).",
 )
+@click.option(
+    "--unets",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="MinImagen directories: export only the first K Unets (when the later ones are not trained yet).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing bundle; also write one that fails parity.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -94,6 +101,7 @@ def main(
     sr_strength,
     external_data_threshold,
     record_source_path,
+    unets,
     force,
     quiet,
     debug,
@@ -124,6 +132,7 @@ def main(
             sr_strength=sr_strength,
             external_data_threshold=external_data_threshold,
             record_source_path=record_source_path,
+            unets=unets,
             report=report,
         ),
         debug=debug,

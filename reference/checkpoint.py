@@ -372,7 +372,8 @@ def _missing_message(run_dir: Path, index: int, alone, chosen: dict, count: int)
     prefix = next(i for i in range(count + 1) if i not in chosen)
     if prefix:
         message += (
-            f", or load the complete cascade of its first {prefix} Unet(s) with load_minimagen_run(..., unets={prefix})"
+            f", or take the complete cascade of its first {prefix} Unet(s): imagen-export --unets {prefix} "
+            f"(load_minimagen_run(..., unets={prefix}))"
         )
     return message
 

@@ -158,6 +158,21 @@ def test_base_trained_alone_loads_as_a_shorter_cascade(tmp_path, t5):
         load_minimagen_run(root, t5, unets=3)
 
 
+def test_imagen_export_unets_takes_the_trained_part_of_a_cascade(tmp_path, t5):
+    from imagen.export.cli import main as export_cli
+    from imagen.runtime import load_bundle
+
+    root = write_parameters(tmp_path / "base_alone", only_train_unet_number=1)
+    save_weights(root, f"state_dicts/unet_0_state_{STAMP}.pth", 0, seed=0)
+    out, common = tmp_path / "bundle", ["--ckpt", str(root), "--text-encoder", str(t5), "--max-batch", "1", "--quiet"]
+    refused = CliRunner().invoke(export_cli, [*common, "--out", str(out)])
+    assert refused.exit_code == 2 and "imagen-export --unets 1" in refused.output and not out.exists()
+    assert CliRunner().invoke(export_cli, [*common, "--out", str(out), "--unets", "1"]).exit_code == 0
+    assert load_bundle(out).manifest.image_sizes == (16,)
+    too_many = CliRunner().invoke(export_cli, [*common, "--out", str(tmp_path / "b3"), "--unets", "3"])
+    assert too_many.exit_code == 2 and "between 1 and 2" in too_many.output
+
+
 def test_one_unet_cascade_exports_and_runs_like_the_reference(tmp_path, t5):
     """A base Unet trained as its own cascade (one parameters file) is complete: it exports and runs."""
     from imagen.export.bundle import export_bundle

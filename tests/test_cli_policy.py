@@ -216,6 +216,11 @@ CASES = {
     "export bad path": ("imagen-export", lambda T, B, X: ["--ckpt", T / "nope", "--out", T / "b"], "not a directory"),
     "export bad option": ("imagen-export", lambda T, B, X: ["--ckpt", T, "--max-batch", "0"], "--max-batch"),
     "export broken run": ("imagen-export", lambda T, B, X: ["--ckpt", X["run"], "--out", T / "b"], "config.json"),
+    "export unets of a run": (
+        "imagen-export",
+        lambda T, B, X: ["--ckpt", X["run"], "--out", T / "b", "--unets", "1"],
+        "--unets applies to MinImagen",
+    ),
     "run bad path": ("imagen-run", lambda T, B, X: ["a", "--bundle", T / "nope", "-o", T / "a.png"], "does not exist"),
     "run bad option": (
         "imagen-run",
