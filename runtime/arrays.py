@@ -3,8 +3,9 @@
 The loop's arithmetic (samplers, guidance, dynamic thresholding, resize, quantization) is written
 once against a namespace `xp`: NumPy on the CPU, CuPy on a GPU, array-api-strict in the tests.
 A backend names the namespace its arrays live in with an `array_namespace` attribute (NumPy when
-it has none), and their device with `array_device` (the namespace's default device when it has none). The pipeline moves tokens and noise there (the noise is drawn on the host with
-NumPy, so a seed gives the same numbers on every backend) and brings back only the final images.
+it has none) and their device with `array_device` (the namespace's default device when it has
+none). The pipeline moves tokens and noise there (the noise is drawn on the host with NumPy, so a
+seed gives the same numbers on every backend) and brings back only the final images.
 
 `array_api_compat` supplies the standard's names for NumPy 1.x/2.x and CuPy; its NumPy namespace
 calls NumPy's own functions, so the NumPy path computes what plain NumPy does, bit for bit.

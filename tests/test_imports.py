@@ -1,6 +1,7 @@
 """What each package may import: the runtime neither torch, transformers, onnx, nor anything
 from imagen.reference or imagen.export (DESIGN.md); the helpers in imagen/ neither NumPy nor torch."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,18 @@ def test_io_and_cli_helpers_import_neither_numpy_nor_torch():
     script = "import sys, imagen._io, imagen._cli; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]
+
+
+def test_ray_is_imported_only_by_the_ray_serve_app():
+    """`imagen.runtime.serve` and its modules never import Ray; `imagen.runtime.serve.ray` does, and no torch."""
+    modules = ["imagen.runtime", "imagen.runtime.cli", "imagen.runtime.serve", "imagen.runtime.serve.engine"]
+    modules += ["imagen.runtime.serve.batching", "imagen.runtime.serve.cli"]
+    if importlib.util.find_spec("fastapi") is not None:
+        modules += ["imagen.runtime.serve.api", "imagen.runtime.serve.app", "imagen.runtime.serve.schema"]
+    loaded = "import sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch'}))"
+    done = subprocess.run([PYTHON, "-c", f"import {', '.join(modules)}; {loaded}"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+        return
+    done = subprocess.run([PYTHON, "-c", f"import imagen.runtime.serve.ray; {loaded}"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "['ray']"), done.stderr[-2000:]

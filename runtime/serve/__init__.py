@@ -5,10 +5,11 @@
 
 Modules: `batching` (the request queue and batcher: asyncio and a worker thread, no web imports),
 `engine` (one engine batch from many requests, over the runtime's public seams), `schema` (the
-request body and the error bodies), `metrics` (Prometheus), `app` (`create_app`: FastAPI routes)
-and `cli` (uvicorn). The web stack (FastAPI, uvicorn, prometheus-client: the `serve` extra) is
-imported here only, and only by `app`, `schema`, `metrics` and `cli`; the rest of
-`imagen.runtime` never imports this package.
+request body and the error bodies), `api` (what a client sees: checks, answers, errors, limits),
+`metrics` (Prometheus), `app` (`create_app`: FastAPI routes), `cli` (uvicorn) and `ray` (the same
+API as a Ray Serve application, `build_app`). The web stack (FastAPI, uvicorn, prometheus-client:
+the `serve` extra) is imported here only, and only by `api`, `app`, `schema`, `metrics`, `cli` and
+`ray`; Ray (the `ray` extra) only by `ray`. The rest of `imagen.runtime` never imports this package.
 """
 
 __all__ = ["create_app", "ServeConfig"]

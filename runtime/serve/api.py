@@ -1,0 +1,220 @@
+"""The HTTP API that imagen-serve (`app`) and the Ray Serve app (`ray`) both answer, in one place.
+
+`check_request` checks a body against the server and the bundle (400, 413) and tokenizes it;
+`answer` makes the 200 body from a request's images; `failure_error` and `timeout_error` are the
+500 and 504 answers; `Guard` is the ASGI middleware for the API key and the body limits (401, 411,
+413); `add_error_handlers` makes every error, FastAPI's own included (422, 404, 405), the JSON error
+body; `ready_body` is what /readyz answers once the server is ready. How requests wait for their
+batch differs between the two servers; what a client sees does not.
+"""
+
+import base64
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from imagen.runtime.errors import ImagenError, NonFiniteError, ParameterError, PromptError
+
+from . import engine
+from .schema import GENERATIONS, GenerationRequest, ServeError, error_response, validation_error
+
+log = logging.getLogger("imagen.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server batches and what it accepts. `max_queue_images` None: 4 full batches."""
+
+    max_wait_ms: float = 10.0
+    max_queue_images: int | None = None
+    timeout_s: float = 120.0
+    max_prompt_chars: int = 4000
+    max_body_bytes: int = 64 * 1024
+    api_key: str | None = None
+    warmup: bool = True
+
+
+def output_size(pipe) -> int:
+    """The side of the bundle's images (its last Unet's size)."""
+    return pipe.bundle.manifest.image_sizes[-1]
+
+
+def check_request(pipe, body: GenerationRequest, max_images: int, max_prompt_chars: int) -> "engine.ImageRequest":
+    """The request checked against the server and the bundle, tokenized: ServeError 400 or 413."""
+    size = output_size(pipe)
+    expected = f"{size}x{size}"
+    if body.response_format != "b64_json":
+        raise ServeError(
+            400,
+            f"response_format {body.response_format!r} is not supported: this server keeps "
+            'no files to link to; use "b64_json"',
+            param="response_format",
+            code="unsupported_response_format",
+        )
+    if body.size is not None and body.size != expected:
+        raise ServeError(
+            400,
+            f"size must be {expected!r} (the bundle's output size), got {body.size!r}; omit it or send that",
+            param="size",
+            code="unsupported_size",
+        )
+    if body.n < 1:
+        raise ServeError(400, f"n must be at least 1, got {body.n}", param="n", code="invalid_parameter")
+    if body.n > max_images:
+        raise ServeError(
+            413,
+            f"n={body.n} images is more than one request may ask for here (at most "
+            f"{max_images}, the bundle's max batch); send several requests",
+            param="n",
+            code="too_many_images",
+        )
+    if len(body.prompt) > max_prompt_chars:
+        raise ServeError(
+            400,
+            f"the prompt is {len(body.prompt)} characters; at most {max_prompt_chars} are accepted, shorten it",
+            param="prompt",
+            code="prompt_too_long",
+        )
+    try:
+        return engine.prepare(pipe, body.prompt, body.n, **body.settings())
+    except ParameterError as error:
+        raise ServeError(400, str(error), param=error.parameter, code="invalid_parameter") from None
+    except PromptError as error:
+        # the runtime numbers prompts in a list; this API takes one
+        message = str(error).replace("prompt 0", "the prompt", 1)
+        raise ServeError(400, message, param="prompt", code="invalid_prompt") from None
+
+
+def answer(image_request: "engine.ImageRequest", images: "engine.Images", timings: dict) -> dict:
+    """The 200 body: one item per image, its PNG in base64 and its info with `timings` added."""
+    data = []
+    for png, info in zip(images.pngs, images.info, strict=True):
+        info["timings"].update(timings)
+        item = {"b64_json": base64.b64encode(png).decode("ascii")}
+        if image_request.revised_prompt is not None:
+            item["revised_prompt"] = image_request.revised_prompt
+        item["imagen"] = info
+        data.append(item)
+    return {"created": int(time.time()), "data": data}
+
+
+def failure_error(error: Exception) -> ServeError:
+    """The 500 for a batch that failed; the server goes on."""
+    if isinstance(error, NonFiniteError):
+        return ServeError(500, str(error), "server_error", code="non_finite")
+    if isinstance(error, ImagenError):
+        return ServeError(500, f"the engine failed: {error}", "server_error", code="engine_error")
+    log.error("a batch failed", exc_info=error)
+    return ServeError(
+        500, "the engine failed unexpectedly; the server log has the details", "server_error", code="engine_error"
+    )
+
+
+def timeout_error(timeout_s: float, was_queued: bool) -> ServeError:
+    """The 504 for a request that did not finish in time, saying where it was."""
+    where = "in the queue" if was_queued else "in its batch"
+    return ServeError(
+        504,
+        f"the request did not finish within {timeout_s:g} s (it was still {where}); retry "
+        "later, or ask for fewer images or steps",
+        "timeout_error",
+        code="timeout",
+    )
+
+
+def ready_body(pipe) -> dict:
+    """What /readyz answers (200) once the bundle is loaded and warmed."""
+    size = output_size(pipe)
+    return {
+        "ready": True,
+        "bundle_sha": pipe.bundle.short_sha,
+        "size": f"{size}x{size}",
+        "max_batch": pipe.max_batch,
+        "backend": pipe.backend_name,
+    }
+
+
+class Guard:
+    """ASGI middleware for /v1/: the API key (401) and the body size (411, 413). `on_status(status)`,
+    when given, is called with the status of every answer to POST /v1/images/generations."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_status: Callable[[int], None] | None = None):
+        self.app, self.api_key, self.max_body_bytes, self.on_status = app, api_key, max_body_bytes, on_status
+
+    async def __call__(self, scope, receive, send):
+        route = _route(scope) if scope["type"] == "http" else ""
+        if not route.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = 500  # unless a response starts
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refusal(dict(scope["headers"]), scope["method"])
+            app = self.app if refusal is None else refusal.response()
+            await app(scope, receive, send_status)
+        finally:
+            if route == GENERATIONS and self.on_status is not None:
+                self.on_status(status)
+
+    def refusal(self, headers: dict, method: str) -> ServeError | None:
+        if self.api_key:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return ServeError(
+                    401,
+                    "a valid API key is required: send the header 'Authorization: Bearer <key>' "
+                    "with the key set in IMAGEN_API_KEY on the server",
+                    "authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        if method != "POST":
+            return None
+        length = headers.get(b"content-length")
+        if length is None:
+            return ServeError(
+                411,
+                "send the body with a Content-Length header (chunked bodies are not accepted)",
+                code="length_required",
+            )
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            return ServeError(
+                413,
+                f"the body is {length.decode('latin-1')} bytes; at most {self.max_body_bytes} are accepted",
+                code="body_too_large",
+            )
+        return None
+
+
+def _route(scope) -> str:
+    """The path below the app's mount point (`root_path`: a proxy's or Ray Serve's route prefix)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def add_error_handlers(app) -> None:
+    """Every error a FastAPI `app` answers becomes `{"error": {...}}`: ours, schema violations (422), 404, 405."""
+    app.add_exception_handler(ServeError, lambda request, error: error.response())
+    app.add_exception_handler(
+        RequestValidationError, lambda request, error: validation_error(error.errors()).response()
+    )
+    app.add_exception_handler(HTTPException, _http_error)
+
+
+def _http_error(request, error: HTTPException):
+    message = {
+        404: f"no route {request.url.path}; see docs/serving.md",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(error.status_code, str(error.detail))
+    return error_response(error.status_code, message, code=None, headers=getattr(error, "headers", None))
