@@ -11,6 +11,11 @@ stage's largest batch, so their addresses never change: inputs are copied into t
 CUDA graph per batch size (captured after a warm-up call, as NVIDIA's diffusion demo does)
 replays the engine's kernels at those addresses. A failed capture falls back to plain
 `execute_async_v3` for that batch size.
+
+Inputs may be NumPy arrays (copied host-to-device) or device arrays (`__cuda_array_interface__`:
+CuPy, torch, Numba; copied device-to-device). Outputs are arrays of `array_namespace`: NumPy
+(copied device-to-host), or with a device namespace (CuPy's, when CuPy is installed) new device
+arrays filled device-to-device, never views of the reused buffers.
 """
 
 import logging
@@ -20,7 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import NUMPY, to_numpy
 from .contract import StageSignature, TensorRTEntry
+from .device_arrays import (
+    LEGACY_STREAM,
+    contiguous,
+    cupy_namespace,
+    device_buffer,
+    empty,
+    is_device_array,
+    is_device_namespace,
+    wait_for_streams,
+)
 from .errors import BackendError, BundleError
 
 # Every TensorRT name this module uses ("Class.member" for members). Tests check that each exists
@@ -187,7 +203,8 @@ class TensorRTBackend:
 
     cuda_graphs: replay one captured CUDA graph per batch size (False: `execute_async_v3` every call).
     version_compatible: allow the engine's embedded host code (version-compatible engines), taken
-    from `engines` when given. `close()` frees the device buffers, graphs and streams of every thread."""
+    from `engines` when given. array_namespace: of the outputs (None: CuPy's when CuPy is installed,
+    else NumPy). `close()` frees the device buffers, graphs and streams of every thread."""
 
     def __init__(
         self,
@@ -197,6 +214,7 @@ class TensorRTBackend:
         *,
         cuda_graphs: bool = True,
         version_compatible: bool = False,
+        array_namespace=None,
     ):
         from .backends import check_feeds  # backends imports this module
 
@@ -227,6 +245,9 @@ class TensorRTBackend:
             trt.DataType.BOOL: "bool",
         }
         self._check_io(trt.TensorIOMode.INPUT)
+        xp = cupy_namespace() if array_namespace is None else array_namespace
+        self.array_namespace = NUMPY if xp is None else xp
+        self._device_outputs = is_device_namespace(self.array_namespace, self.stage.name)
         self._local, self._lock, self._states, self._closed = threading.local(), threading.Lock(), [], False
 
     def _check_io(self, input_mode) -> None:
@@ -292,31 +313,63 @@ class TensorRTBackend:
     def run(self, feeds: dict) -> dict:
         batch = self._check_feeds(self.stage, feeds)
         state = self._thread_state()
-        kinds = self._cudart.cudaMemcpyKind
-        staged = [np.ascontiguousarray(feeds[spec.name]) for spec in self.stage.inputs]  # alive until the sync
-        for spec, array in zip(self.stage.inputs, staged):
-            self._call(
-                "cudaMemcpyAsync",
-                state.buffers[spec.name],
-                array.ctypes.data,
-                array.nbytes,
-                kinds.cudaMemcpyHostToDevice,
-                state.stream,
-            )
+        sources = self._copy_inputs(state, feeds)
         self._set_batch(state, batch)
         self._execute(state, batch)
-        outputs = {spec.name: np.empty(spec.concrete(batch), spec.dtype) for spec in self.stage.outputs}
-        for name, array in outputs.items():
-            self._call(
-                "cudaMemcpyAsync",
-                array.ctypes.data,
-                state.buffers[name],
-                array.nbytes,
-                kinds.cudaMemcpyDeviceToHost,
-                state.stream,
-            )
+        outputs = self._copy_outputs(state, batch)
         self._call("cudaStreamSynchronize", state.stream)
+        del sources  # the arrays copied from stay alive until the copies are done
         return outputs
+
+    # Stream order: the backend's streams come from cudaStreamCreate, which makes blocking streams:
+    # their work waits for earlier work on the legacy default stream (where CuPy runs unless told
+    # otherwise) and the reverse, so copies from or into arrays that a library wrote or allocated
+    # there are ordered without waiting. An array whose interface names another stream (a CuPy
+    # stream of its own, the per-thread default stream) is waited for on the host first. Each
+    # call ends with cudaStreamSynchronize on the backend's stream, so outputs are complete (on
+    # every stream) when `run` returns.
+
+    def _copy_inputs(self, state: _ThreadState, feeds: dict) -> list:
+        """Enqueues each input's copy into its fixed buffer: host arrays host-to-device, device
+        arrays device-to-device. Returns the arrays copied from, to keep alive until the sync."""
+        kinds, sources, copies, waits = self._cudart.cudaMemcpyKind, [], [], []
+        for spec in self.stage.inputs:
+            array = feeds[spec.name]
+            if is_device_array(array):
+                array = contiguous(array, f"{self.stage.name}: input {spec.name}")
+                waits.append(buffer := device_buffer(array))
+                copies.append((state.buffers[spec.name], buffer.pointer, buffer.nbytes, kinds.cudaMemcpyDeviceToDevice))
+            else:
+                array = np.ascontiguousarray(to_numpy(array))
+                copies.append((state.buffers[spec.name], array.ctypes.data, array.nbytes, kinds.cudaMemcpyHostToDevice))
+            sources.append(array)
+        self._copy(state, copies, waits)
+        return sources
+
+    def _copy_outputs(self, state: _ThreadState, batch: int) -> dict:
+        """Enqueues each output's copy out of its fixed buffer into a new array: of the device
+        namespace (device-to-device) or NumPy (device-to-host)."""
+        kinds, outputs, copies, waits = self._cudart.cudaMemcpyKind, {}, [], []
+        for spec in self.stage.outputs:
+            shape = spec.concrete(batch)
+            if self._device_outputs:
+                array = empty(self.array_namespace, shape, spec.dtype, self.stage.name)
+                waits.append(buffer := device_buffer(array))  # the stream its library allocated it on
+                copies.append((buffer.pointer, state.buffers[spec.name], buffer.nbytes, kinds.cudaMemcpyDeviceToDevice))
+            else:
+                array = np.empty(shape, spec.dtype)
+                copies.append((array.ctypes.data, state.buffers[spec.name], array.nbytes, kinds.cudaMemcpyDeviceToHost))
+            outputs[spec.name] = array
+        self._copy(state, copies, waits)
+        return outputs
+
+    def _copy(self, state: _ThreadState, copies: list, waits: list) -> None:
+        """Waits on the host for the streams that device arrays name (but the legacy default stream,
+        see above), then enqueues the copies (destination, source, bytes, kind) on the thread's stream."""
+        synchronize = lambda stream: self._call("cudaStreamSynchronize", stream)  # noqa: E731
+        wait_for_streams(waits, synchronize, self.stage.name, skip=(LEGACY_STREAM,))
+        for destination, source, nbytes, kind in copies:
+            self._call("cudaMemcpyAsync", destination, source, nbytes, kind, state.stream)
 
     def _enqueue(self, state: _ThreadState) -> None:
         if not state.context.execute_async_v3(int(state.stream)):

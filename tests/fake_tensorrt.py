@@ -261,7 +261,10 @@ def _add_builder(trt, device: Device, version: str) -> None:
 
 def install(monkeypatch, trt, cudart) -> None:
     """Makes `import tensorrt` (or `tensorrt_lean`, with tensorrt absent) and cuda-python's runtime
-    import the fakes for the rest of the test."""
+    import the fakes for the rest of the test, and CuPy unimportable (the fake device cannot hold
+    CuPy's arrays: backends default to NumPy outputs; tests pass a fake namespace instead)."""
+    for name in ("cupy", "array_api_compat.cupy"):
+        monkeypatch.setitem(sys.modules, name, None)
     if trt is None:
         monkeypatch.setitem(sys.modules, "tensorrt", None)
         monkeypatch.setitem(sys.modules, "tensorrt_lean", None)

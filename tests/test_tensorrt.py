@@ -1,10 +1,11 @@
 """TensorRT without a GPU, the build and the backend against the fakes in fake_tensorrt.py: the
 engine build (strongly typed, checked against ONNX Runtime, recorded in the manifest) and the
-backend (fixed buffers, CUDA graphs, one context per thread, typed errors). What runs only on a
-GPU is in docs/gpu.md."""
+backend (fixed buffers, CUDA graphs, one context per thread, typed errors; more on device arrays
+in test_backends_device.py). What runs only on a GPU is in docs/gpu.md."""
 
 import json
 import shutil
+import sys
 import threading
 import types
 from pathlib import Path
@@ -20,7 +21,7 @@ from imagen.runtime.bundle import load_bundle
 from imagen.runtime.contract import Manifest, TensorRTEntry
 from imagen.runtime.errors import BackendError, BundleError, SignatureError
 
-from fake_cuda import Device, make_cudart
+from fake_cuda import Device, DeviceNamespace, make_cudart
 from fake_tensorrt import install, make_tensorrt
 
 ROOT = Path(__file__).parent.parent
@@ -210,6 +211,51 @@ def test_one_context_and_stream_per_thread(device, unet):
         _run_and_compare(backend, signature, session, 1)
 
 
+def test_device_arrays_from_several_threads(device, unet):
+    signature, plan, session = unet
+    xp = DeviceNamespace(device)
+    backend = backend_module.TensorRTBackend(plan, signature, array_namespace=xp)
+    barrier, failures = threading.Barrier(4), []
+
+    def work(seed):
+        try:
+            barrier.wait()
+            for batch in (1, 2, 1):
+                feeds = signature.sample_inputs(batch, np.random.default_rng(seed), timesteps=30)
+                got = backend.run({name: xp.asarray(value) for name, value in feeds.items()})["noise_pred"].get()
+                if not np.array_equal(got, session.run(None, feeds)[0]):
+                    failures.append((seed, batch))
+        except Exception as error:  # noqa: BLE001 - reported below with the thread's seed
+            failures.append((seed, error))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert device.calls["create_execution_context"] == 4 and device.calls["cudaStreamCreate"] == 4
+    assert set(device.copies) == {"cudaMemcpyDeviceToDevice"}
+    backend.close()
+    assert device.memory == {}
+
+
+def test_the_fake_refuses_a_copy_whose_kind_does_not_match_its_pointers(device):
+    """What makes 'device-to-device copies only' in the device-array tests mean something: a device
+    pointer in a host-to-device copy (or the reverse) fails in the fake, as it would corrupt memory
+    on a GPU."""
+    cudart = sys.modules["cuda.bindings.runtime"]
+    kinds, stream = cudart.cudaMemcpyKind, cudart.cudaStreamCreate()[1]
+    on_device, host = device.allocate(64), np.zeros(16, np.float32)
+    invalid = (
+        cudart.cudaMemcpyAsync(on_device, on_device, 64, kinds.cudaMemcpyHostToDevice, stream)[0],
+        cudart.cudaMemcpyAsync(host.ctypes.data, on_device, 64, kinds.cudaMemcpyDeviceToDevice, stream)[0],
+        cudart.cudaMemcpyAsync(on_device, host.ctypes.data, 64, kinds.cudaMemcpyDeviceToHost, stream)[0],
+    )
+    assert [int(e) for e in invalid] == [1, 1, 1] and device.copies == {}
+    assert int(cudart.cudaMemcpyAsync(on_device + 16, on_device, 32, kinds.cudaMemcpyDeviceToDevice, stream)[0]) == 0
+
+
 def test_backend_errors_are_typed(device, unet, tmp_path):
     signature, plan, session = unet
     feeds = signature.sample_inputs(2, np.random.default_rng(0), timesteps=30)
@@ -231,6 +277,33 @@ def test_backend_errors_are_typed(device, unet, tmp_path):
     renamed = type(signature)(signature.name, signature.inputs[:-1], signature.outputs, 1, 1, 8)
     with pytest.raises(BundleError, match=r"u\.plan has tensors .*expects"):
         backend_module.TensorRTBackend(plan, renamed)
+
+
+def _gpu_with_tensorrt_and_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+
+        backend_module.tensorrt_environment()
+    except Exception:  # noqa: BLE001 - any reason means no usable GPU here
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _gpu_with_tensorrt_and_cupy(), reason="needs an NVIDIA GPU with tensorrt, cuda-python and CuPy")
+def test_cupy_arrays_through_a_real_engine(bundle_fp16, tmp_path):
+    import cupy
+
+    stage = load_bundle(bundle_fp16).stages["unet_1"]
+    export_trt.build_engine(bundle_fp16 / "unet_1.onnx", stage.signature, tmp_path / "u.plan", tmp_path / "cache")
+    feeds = stage.signature.sample_inputs(3, np.random.default_rng(0), timesteps=30)
+    want = ort.InferenceSession(bundle_fp16 / "unet_1.onnx").run(None, feeds)[0]
+    with backend_module.TensorRTBackend(tmp_path / "u.plan", stage.signature) as backend:
+        assert backend.array_namespace.__name__ == "array_api_compat.cupy"
+        for call in range(3):  # warm-up and capture, then graph replays
+            got = backend.run({name: cupy.asarray(value) for name, value in feeds.items()})["noise_pred"]
+            error = float(np.abs(cupy.asnumpy(got) - want).max() / np.abs(want).max())
+            print(f"call {call}: engine with CuPy arrays vs ONNX Runtime (CPU): max relative error {error:.2e}")
+            assert error <= TOLERANCE["fp16"]
 
 
 def test_engines_from_another_version_and_lean_rules(device):

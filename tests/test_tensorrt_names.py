@@ -1,8 +1,11 @@
 """TensorRT without a GPU, the files engines are built from: the strictly typed FP16 ONNX, and
-the TensorRT names the code uses, listed once and checked against the real TensorRT 10.x and
-11.x Python bindings (downloaded from PyPI). What runs only on a GPU is in docs/gpu.md."""
+the TensorRT and cuda-python names the code uses, listed once and checked against the real
+TensorRT 10.x and 11.x Python bindings and cuda-python 12.x and 13.x (downloaded from PyPI).
+What runs only on a GPU is in docs/gpu.md."""
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -239,3 +242,66 @@ def test_the_fake_tensorrt_uses_only_real_names(bindings):
         for key in ("10", "11"):
             missing = sorted(n for n in public_names(fake) if not bindings[key].has(n))
             assert missing == [], f"{fake.__name__}: {bindings[key].wheel} lacks {missing}"
+
+
+CUDA_PYTHON = {"12": "cuda-bindings>=12,<13", "13": "cuda-bindings>=13,<14"}
+# Run with the real cuda.bindings.runtime (it imports without a driver): the names missing from it,
+# and whether a stream given as an integer (as __cuda_array_interface__ gives it) is accepted; the
+# legacy default stream (1) is a valid handle with a GPU, and without one the call returns error 35.
+CUDA_CHECK = """
+import json, sys
+from cuda.bindings import runtime as cudart
+
+def has(name):
+    value = cudart
+    for part in name.split("."):
+        value = getattr(value, part, None)
+    return value is not None
+
+result = cudart.cudaStreamSynchronize(1)
+print(json.dumps({"missing": [n for n in json.loads(sys.argv[1]) if not has(n)],
+                  "int stream": isinstance(result[0], cudart.cudaError_t)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_python(request) -> dict[str, Path]:
+    """cuda-python's bindings 12.x and 13.x with their one dependency (cuda-pathfinder), about 8 MB
+    each, downloaded and unpacked once into pytest's cache: key -> folder to put on sys.path."""
+    found = {}
+    for key, spec in CUDA_PYTHON.items():
+        folder = request.config.cache.mkdir("cuda-python") / key
+        site = folder / "site"
+        if not (site / "cuda" / "bindings").is_dir():
+            done = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--only-binary", ":all:", "--python-version", "3.11"]
+                + ["--platform", "manylinux_2_28_x86_64", "--quiet", "--dest", str(folder), spec],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if done.returncode != 0 or not list(folder.glob("cuda_bindings-*.whl")):
+                lines = (done.stderr or done.stdout or "no output").strip().splitlines()
+                pytest.skip(f"cannot download {spec} from PyPI (offline?): {lines[-1] if lines else ''}")
+            for wheel in folder.glob("*.whl"):
+                with zipfile.ZipFile(wheel) as archive:
+                    archive.extractall(site)
+        found[key] = site
+    return found
+
+
+def test_every_cuda_name_the_code_uses_exists_in_cuda_python_12_and_13(cuda_python):
+    """The backend's calls (CUDART_NAMES) and every name of the fake runtime, enum members included
+    (cudaMemcpyKind.cudaMemcpyDeviceToDevice, ...), in the real bindings."""
+    names = sorted(set(backend_module.CUDART_NAMES) | public_names(make_cudart(Device())))
+    assert "cudaMemcpyKind.cudaMemcpyDeviceToDevice" in names
+    for key, site in cuda_python.items():
+        done = subprocess.run(
+            [sys.executable, "-c", CUDA_CHECK, json.dumps(names)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(site)},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {"missing": [], "int stream": True}, key
