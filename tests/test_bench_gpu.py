@@ -69,7 +69,7 @@ def test_cpu_smoke_run_reports_the_numpy_loop_and_why_gpu_rows_are_missing(smoke
         "- torch.compile: not measured: ",
         "- FP16 autocast: not measured: ",
         "- TensorRT FP16: not measured: ",
-        "- ONNX Runtime CUDA (FP32, host feeds): not measured: ",
+        "- ONNX Runtime CUDA (FP32): not measured: ",
     ):
         assert line in markdown, line
     assert "Traceback" not in markdown and "| nan" not in markdown
