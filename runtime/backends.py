@@ -24,6 +24,13 @@ from .settings import is_int
 from .tensorrt_backend import TensorRTBackend, check_engines_match, is_lean, tensorrt_environment
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# ONNX Runtime's execution providers by the short names imagen-run and imagen-serve take (--providers)
+PROVIDER_SETS = {
+    "cpu": None,
+    "auto": "auto",
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (TENSORRT_PROVIDER, "CUDAExecutionProvider")
 TENSORRT_CACHE = "ort-tensorrt-cache"  # the TensorRT execution provider's engines, inside the bundle
@@ -88,6 +95,32 @@ def onnxruntime_providers(providers=None) -> list:
     if isinstance(providers, str):
         return [providers]
     return list(providers)
+
+
+def check_providers_installed(providers) -> None:
+    """BackendError naming each execution provider asked for by name that this onnxruntime lacks (it
+    would only warn, then run on the CPU); None and "auto" take what is there."""
+    if providers is None or providers == "auto":
+        return
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [name for name in _provider_names(onnxruntime_providers(providers)) if name not in available]
+    if missing:
+        raise BackendError(_no_provider(ort, missing))
+
+
+def _provider_names(providers: list) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def _no_provider(ort, missing: list[str]) -> str:
+    return (
+        f"onnxruntime {ort.__version__} cannot use {', '.join(missing)} here (this install has "
+        f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu in place of onnxruntime "
+        "(pip install 'imagen-cascade[gpu]') on a machine with an NVIDIA GPU, CUDA and cuDNN (and TensorRT for "
+        "its provider), or use --providers cpu"
+    )
 
 
 def tensorrt_cache_dir(root: Path, key: str) -> Path:
@@ -165,6 +198,7 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = int(threads) if threads else default_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        check_providers_installed(providers)  # before a cache folder is made for a provider that is not there
         self.providers = onnxruntime_providers(providers)
         requested = self.providers
         if TENSORRT_PROVIDER in requested:  # named alone: with this stage's cache and profile
@@ -181,6 +215,8 @@ class OnnxRuntimeBackend:
                 f"onnxruntime cannot load {self.path} (stage {self.stage.name}): {error}; "
                 "re-export the bundle, or check the providers"
             ) from error
+        if providers not in (None, "auto"):  # asked for by name: ONNX Runtime must not drop one silently
+            self._check_providers(ort)
         got = [i.name for i in self.session.get_inputs()]
         if sorted(got) != sorted(self.stage.input_names):
             raise BundleError(
@@ -193,6 +229,15 @@ class OnnxRuntimeBackend:
         self._device_outputs = is_device_namespace(self.array_namespace, self.stage.name)
         if self._device_outputs and not self.io_binding:
             raise BackendError(f"{self.stage.name}: device arrays as outputs need io_binding=True")
+
+    def _check_providers(self, ort) -> None:
+        """BackendError when the session runs without a provider that was asked for by name: one that is
+        installed can still fail to start (its CUDA, cuDNN or TensorRT libraries missing), and ONNX
+        Runtime then logs and goes on with what is left, usually the CPU."""
+        running = self.session.get_providers()
+        dropped = [name for name in _provider_names(self.providers) if name not in running]
+        if dropped:
+            raise BackendError(f"{self.stage.name}: {_no_provider(ort, dropped)}")
 
     def run(self, feeds: dict) -> dict:
         batch = check_feeds(self.stage, feeds)
@@ -285,6 +330,7 @@ def open_backends(
     bundle, chosen = choose_backend(bundle, backend)
     cache = None  # the TensorRT execution provider's engine folder, made only when that provider is asked for
     if chosen == "onnxruntime" and TENSORRT_PROVIDER in onnxruntime_providers(providers):
+        check_providers_installed(providers)
         cache = tensorrt_cache_dir(bundle.root, bundle.short_sha)
     backends = {}
     for name, stage in bundle.stages.items():

@@ -14,7 +14,7 @@ import click
 from imagen._cli import command, run_command
 from imagen._io import atomic_save
 
-from .backends import BACKENDS
+from .backends import BACKENDS, PROVIDER_SETS
 from .samplers import SAMPLERS
 
 PREFIX = ""  # imagen-run's lines are `error: ...`
@@ -95,6 +95,13 @@ class _Progress:
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
+    "--providers",
+    type=click.Choice(list(PROVIDER_SETS)),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
+)
+@click.option(
     "--threads", type=int, default=None, help="CPU threads per session (default: the CPUs this process may run on)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -119,6 +126,7 @@ def _run(
     eta,
     sr_strength,
     backend,
+    providers,
     threads,
     quiet,
     as_json,
@@ -133,7 +141,7 @@ def _run(
         for path in paths:
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    pipe = Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads)
     progress = None
     if not quiet and sys.stderr.isatty():
         calls = pipe.model_calls(pipe.settings(steps=steps, sr_strength=sr_strength))

@@ -2,10 +2,9 @@
 
 For real, on this machine's CPU: ONNX Runtime's IO binding (the code path that binds device arrays
 on a GPU binds host arrays here) against `session.run`, bit for bit. Through fakes: the TensorRT
-execution provider's options (a recorder in place of onnxruntime.InferenceSession), device arrays
-bound on a CUDA session (a stand-in that runs the ONNX file on the CPU from fake device memory),
-and the TensorRT backend's device-to-device copies (fake_cuda.py, fake_tensorrt.py). What only a
-GPU can show is listed in docs/gpu.md."""
+execution provider's options (a recorder for onnxruntime.InferenceSession), device arrays bound on a
+CUDA session (a stand-in running the ONNX file on the CPU from fake device memory), and the TensorRT
+backend's device-to-device copies (fake_cuda.py, fake_tensorrt.py). The rest is in docs/gpu.md."""
 
 import sys
 import threading
@@ -160,6 +159,7 @@ def recorded(fake_bundle, monkeypatch):
     """The hand-made bundle, with the Recorder in place of onnxruntime.InferenceSession."""
     Recorder.made, Recorder.bundle = [], load_bundle(fake_bundle)
     monkeypatch.setattr(ort, "InferenceSession", Recorder)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: TRT_EP)
     return Recorder.bundle
 
 
@@ -253,6 +253,7 @@ def cuda_session(real, monkeypatch):
             raise RuntimeError(f"cudaErrorInvalidResourceHandle for stream {stream}")
 
     monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: TRT_EP)
     monkeypatch.setattr(device_arrays, "cupy_synchronize", synchronize)
     for name in ("cupy", "array_api_compat.cupy"):  # the fake device cannot hold CuPy's arrays
         monkeypatch.setitem(sys.modules, name, None)

@@ -163,3 +163,29 @@ def test_cli_bad_bundle_subprocess_exit_2(tmp_path):
         text=True,
     )
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_providers_asked_for_by_name_are_never_dropped_silently(bundle_fp32, tmp_path):
+    """ONNX Runtime only warns when a provider it lacks is named, then runs on the CPU: the backend
+    refuses instead, and imagen-run says what to install; cpu and auto run here."""
+    import onnxruntime as ort
+
+    from imagen.runtime.backends import PROVIDER_SETS, OnnxRuntimeBackend
+    from imagen.runtime.errors import BackendError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    bundle = load_bundle(bundle_fp32)
+    stage = bundle.stages["unet_0"]
+    with pytest.raises(BackendError, match=r"onnxruntime .* cannot use CUDAExecutionProvider here"):
+        OnnxRuntimeBackend(bundle.path(stage.file), stage.signature, providers=PROVIDER_SETS["cuda"])
+    common = ["a red circle", "--bundle", str(bundle_fp32), "--steps", "2", "--seed", "1", "--quiet"]
+    for name in ("cuda", "tensorrt"):
+        refused = CliRunner().invoke(run_cli, [*common, "--providers", name, "-o", str(tmp_path / f"{name}.png")])
+        lines = refused.output.strip().splitlines()
+        assert refused.exit_code == 2 and len(lines) == 1 and "imagen-cascade[gpu]" in lines[0], refused.output
+        assert not (tmp_path / f"{name}.png").exists()
+    assert not (bundle_fp32 / "ort-tensorrt-cache").exists()  # refused before anything is written into it
+    for name in ("cpu", "auto"):
+        made = CliRunner().invoke(run_cli, [*common, "--providers", name, "-o", str(tmp_path / f"{name}.png")])
+        assert made.exit_code == 0 and (tmp_path / f"{name}.png").stat().st_size > 0, made.output

@@ -223,7 +223,7 @@ def test_ray_backpressure_answers_429_and_a_replica_with_a_key_answers_401_witho
     )
     options = args.deployment_options()
     options["ray_actor_options"]["runtime_env"] = {"env_vars": {"IMAGEN_API_KEY": "s3cret"}}
-    app = ImagenDeployment.options(**options).bind(None, "auto", 1, args.serve_config())
+    app = ImagenDeployment.options(**options).bind(None, "auto", "cpu", 1, args.serve_config())
     serve.run(app, name="small", route_prefix="/small", blocking=False)
     try:
         path, key = "/small" + URL, {"Authorization": "Bearer s3cret"}
@@ -257,6 +257,7 @@ BAD_ARGUMENTS = [  # args, the field the error names, a part of its message
     ({"threads": "1.5"}, "threads", "whole number >= 1"),
     ({"num_gpus": "-1"}, "num_gpus", "number >= 0"),
     ({"num_cpus": "many"}, "num_cpus", "got 'many'"),
+    ({"providers": "gpu"}, "providers", "one of cpu, auto, cuda, tensorrt"),
     ({"backend": "cuda"}, "backend", "auto, onnxruntime, tensorrt"),
     ({"max_queued_requests": 0}, "max_queued_requests", "or -1 (no limit)"),
     ({"timeout_s": "0"}, "timeout_s", "number > 0"),
@@ -273,7 +274,8 @@ def test_app_arguments_are_typed_and_bad_ones_named_in_one_line():
     from imagen.runtime.serve.ray import AppArgs, ArgumentError, build_app
 
     options = AppArgs.from_args({"num_replicas": "2", "num_gpus": "1", "num_cpus": "0", "bundle": "b"})
-    assert options.bundle == "b"
+    assert (options.bundle, options.providers) == ("b", "cpu")
+    assert AppArgs.from_args({"providers": "cuda"}).providers == "cuda"
     deployment = options.deployment_options()
     assert deployment["num_replicas"] == 2 and deployment["ray_actor_options"] == {"num_cpus": 0.0, "num_gpus": 1.0}
     assert (deployment["max_ongoing_requests"], deployment["max_queued_requests"]) == (16, 64)

@@ -16,7 +16,7 @@ import socket
 import click
 
 from imagen._cli import command, run_command
-from imagen.runtime.backends import BACKENDS
+from imagen.runtime.backends import BACKENDS, PROVIDER_SETS
 
 PREFIX = "imagen-serve: "
 API_KEY_VARIABLE = "IMAGEN_API_KEY"
@@ -55,6 +55,13 @@ API_KEY_VARIABLE = "IMAGEN_API_KEY"
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
+    "--providers",
+    type=click.Choice(list(PROVIDER_SETS)),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
+)
+@click.option(
     "--threads", type=int, default=None, help="CPU threads per session (default: the CPUs this process may run on)."
 )
 @click.option(
@@ -66,7 +73,19 @@ def main(debug, **options):
     run_command(lambda: serve(**options), debug=debug, prefix=PREFIX)
 
 
-def serve(bundle, host, port, max_wait_ms, max_queue_images, timeout_s, max_prompt_chars, backend, threads, log_level):
+def serve(
+    bundle,
+    host,
+    port,
+    max_wait_ms,
+    max_queue_images,
+    timeout_s,
+    max_prompt_chars,
+    backend,
+    providers,
+    threads,
+    log_level,
+):
     try:
         import uvicorn
 
@@ -84,7 +103,7 @@ def serve(bundle, host, port, max_wait_ms, max_queue_images, timeout_s, max_prom
             "this address can use the server",
             err=True,
         )
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    pipe = Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads)
     config = ServeConfig(
         max_wait_ms=max_wait_ms,
         max_queue_images=max_queue_images,

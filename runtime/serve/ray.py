@@ -34,7 +34,7 @@ except ImportError as error:
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
-from imagen.runtime.backends import BACKENDS
+from imagen.runtime.backends import BACKENDS, PROVIDER_SETS
 
 from . import engine
 from .api import Guard, ServeConfig, add_error_handlers, answer, check_request, failure_error, ready_body, timeout_error
@@ -58,6 +58,7 @@ class AppArgs:
 
     bundle: str | None = None  # the demo bundle when None
     backend: str = "auto"
+    providers: str = "cpu"  # ONNX Runtime's execution providers (imagen-serve's --providers); cuda on GPU replicas
     threads: int | None = None  # engine threads per replica; None: num_cpus, at least 1
     num_replicas: int | str | None = None  # None: 1, or autoscaling_config's
     autoscaling_config: dict | None = None
@@ -156,6 +157,12 @@ def _backend(name, value):
     return value
 
 
+def _providers(name, value):
+    if value not in PROVIDER_SETS:
+        raise ArgumentError(name, f"must be one of {', '.join(PROVIDER_SETS)}, got {value!r}")
+    return value
+
+
 def _autoscaling(name, value):
     if isinstance(value, str):
         try:
@@ -186,6 +193,7 @@ def _autoscaling(name, value):
 _PARSERS = {
     "bundle": _bundle,
     "backend": _backend,
+    "providers": _providers,
     "threads": _integer(1, none=True),
     "num_replicas": _integer(1, auto=True),
     "autoscaling_config": _autoscaling,
@@ -246,11 +254,11 @@ class ReplicaHeader:
 class ImagenDeployment:
     """One replica: the bundle loaded and warmed once, the routes of imagen-serve, and one engine thread."""
 
-    def __init__(self, bundle: str | None, backend: str, threads: int, config: ServeConfig):
+    def __init__(self, bundle: str | None, backend: str, providers: str, threads: int, config: ServeConfig):
         from imagen.runtime import Pipeline
 
         self.config = dataclasses.replace(config, api_key=os.environ.get(API_KEY_VARIABLE) or None)
-        self.pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+        self.pipe = Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagen-engine")
         self.generate_batch.set_max_batch_size(self.pipe.max_batch)
@@ -328,4 +336,4 @@ def build_app(args: dict) -> serve.Application:
     options = AppArgs.from_args(dict(args or {}))
     threads = options.threads or max(1, int(options.num_cpus))
     deployment = ImagenDeployment.options(**options.deployment_options())
-    return deployment.bind(options.bundle, options.backend, threads, options.serve_config())
+    return deployment.bind(options.bundle, options.backend, options.providers, threads, options.serve_config())
