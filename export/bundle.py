@@ -191,28 +191,9 @@ def export_bundle(
         tokenizer = _write_tokenizer(run, staging)
         stages = _stages(run, max_batch)
         entries = _write_stages(stages, staging, fp16, opset, force, external_data_threshold, say)
-        config = run.imagen.config
         engines = _build_engines(stages, entries, staging, say, tensorrt_version_compatible) if tensorrt else None
-        manifest = Manifest(
-            channels=config.channels,
-            image_sizes=tuple(run.imagen.image_sizes),
-            max_length=run.text_encoder.max_length,
-            embed_dim=run.text_encoder.embed_dim,
-            tokenizer=tokenizer,
-            schedules=_schedules(run),
-            defaults=Defaults(
-                config.guidance_scale,
-                config.dynamic_thresholding_percentile,
-                config.lowres_sample_noise_level,
-                sampler=sampler,
-                steps=steps,
-                sr_strength=float(sr_strength),
-            ),
-            stages=entries,
-            tensorrt=engines,
-            producer=_versions(),
-            source=run_source(run.path, run.weights, record_source_path),
-        )
+        defaults = dict(sampler=sampler, steps=steps, sr_strength=float(sr_strength))
+        manifest = _manifest(run, tokenizer, entries, engines, defaults, record_source_path)
         (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
         _publish(staging, out)
     except BaseException:
@@ -220,6 +201,30 @@ def export_bundle(
         raise
     say(f"bundle written to {out}")
     return manifest
+
+
+def _manifest(run: Run, tokenizer, entries: dict, engines, defaults: dict, record_source_path: bool) -> Manifest:
+    """The typed manifest of an exported run: its sizes, tokenizer, schedules, the sampling defaults
+    (the run's guidance, thresholding and augmentation, and `defaults`), stages, engines and provenance."""
+    config = run.imagen.config
+    return Manifest(
+        channels=config.channels,
+        image_sizes=tuple(run.imagen.image_sizes),
+        max_length=run.text_encoder.max_length,
+        embed_dim=run.text_encoder.embed_dim,
+        tokenizer=tokenizer,
+        schedules=_schedules(run),
+        defaults=Defaults(
+            config.guidance_scale,
+            config.dynamic_thresholding_percentile,
+            config.lowres_sample_noise_level,
+            **defaults,
+        ),
+        stages=entries,
+        tensorrt=engines,
+        producer=_versions(),
+        source=run_source(run.path, run.weights, record_source_path),
+    )
 
 
 def _check_options(sampler: str, steps, sr_strength, max_batch, external_data_threshold) -> None:
