@@ -75,6 +75,16 @@ class _Progress:
             self.bar = None
 
 
+# ONNX Runtime's execution providers by short name (imagen-serve takes the same option)
+providers_option = click.option(
+    "--providers",
+    type=click.Choice(list(PROVIDER_SETS)),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
+)
+
+
 @command("imagen-run", PREFIX)
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--bundle", "bundle", type=click.Path(), default=None, help="Bundle folder (default: built-in demo).")
@@ -94,13 +104,7 @@ class _Progress:
     "(1: from pure noise; default: the bundle's).",
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option(
-    "--providers",
-    type=click.Choice(list(PROVIDER_SETS)),
-    default="cpu",
-    show_default=True,
-    help="ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
-)
+@providers_option
 @click.option(
     "--threads", type=int, default=None, help="CPU threads per session (default: the CPUs this process may run on)."
 )

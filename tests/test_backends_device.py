@@ -7,7 +7,6 @@ CUDA session (a stand-in running the ONNX file on the CPU from fake device memor
 backend's device-to-device copies (fake_cuda.py, fake_tensorrt.py). The rest is in docs/gpu.md."""
 
 import sys
-import threading
 from pathlib import Path
 
 import array_api_strict
@@ -24,6 +23,7 @@ from imagen.runtime.tensorrt_backend import TensorRTBackend
 
 from fake_cuda import CudaSession, Device, DeviceArray, DeviceNamespace, NoCopy, make_cudart
 from fake_tensorrt import install, make_tensorrt
+from threads import failures_in_threads
 
 RNG = np.random.default_rng
 InferenceSession = ort.InferenceSession  # the real one, before tests put stand-ins in its place
@@ -68,24 +68,15 @@ def test_io_binding_from_several_threads(real):
     plain = backends.OnnxRuntimeBackend(real.path(stage.file), stage.signature, threads=1)
     bound = backends.OnnxRuntimeBackend(real.path(stage.file), stage.signature, threads=1, io_binding=True)
     wanted = {seed: plain.run(_feeds(stage.signature, 1 + seed % 3, seed))["noise_pred"] for seed in range(4)}
-    barrier, failures = threading.Barrier(4), []
 
     def work(seed):
-        try:
-            barrier.wait()
-            for _ in range(3):
-                got = bound.run(_feeds(stage.signature, 1 + seed % 3, seed))["noise_pred"]
-                if not np.array_equal(got, wanted[seed]):
-                    failures.append((seed, float(np.abs(got - wanted[seed]).max())))
-        except Exception as error:  # noqa: BLE001 - reported below with the thread's seed
-            failures.append((seed, error))
+        for _ in range(3):
+            got = bound.run(_feeds(stage.signature, 1 + seed % 3, seed))["noise_pred"]
+            if not np.array_equal(got, wanted[seed]):
+                return float(np.abs(got - wanted[seed]).max())
+        return None
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert failures_in_threads(work) == []
 
 
 def test_a_pipeline_on_io_binding_makes_the_same_images(real):

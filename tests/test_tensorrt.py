@@ -6,7 +6,6 @@ in test_backends_device.py). What runs only on a GPU is in docs/gpu.md."""
 import json
 import shutil
 import sys
-import threading
 import types
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from imagen.runtime.errors import BackendError, BundleError, SignatureError
 
 from fake_cuda import Device, DeviceNamespace, make_cudart
 from fake_tensorrt import install, make_tensorrt
+from threads import failures_in_threads
 
 ROOT = Path(__file__).parent.parent
 
@@ -187,22 +187,12 @@ def test_a_failed_capture_falls_back_to_plain_calls(device, unet, failure):
 def test_one_context_and_stream_per_thread(device, unet):
     signature, plan, session = unet
     backend = backend_module.TensorRTBackend(plan, signature)
-    barrier, failures = threading.Barrier(4), []
 
-    def work(seed):
-        try:
-            barrier.wait()  # four live threads at once: four contexts
-            for batch in (1, 2, 1):
-                _run_and_compare(backend, signature, session, batch, seed)
-        except Exception as error:  # noqa: BLE001 - reported below with the thread's seed
-            failures.append((seed, error))
+    def work(seed):  # four live threads at once: four contexts
+        for batch in (1, 2, 1):
+            _run_and_compare(backend, signature, session, batch, seed)
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert failures_in_threads(work) == []
     assert device.calls["create_execution_context"] == 4 and device.calls["cudaStreamCreate"] == 4
     backend.close()
     backend.close()  # twice is fine
@@ -215,25 +205,16 @@ def test_device_arrays_from_several_threads(device, unet):
     signature, plan, session = unet
     xp = DeviceNamespace(device)
     backend = backend_module.TensorRTBackend(plan, signature, array_namespace=xp)
-    barrier, failures = threading.Barrier(4), []
 
     def work(seed):
-        try:
-            barrier.wait()
-            for batch in (1, 2, 1):
-                feeds = signature.sample_inputs(batch, np.random.default_rng(seed), timesteps=30)
-                got = backend.run({name: xp.asarray(value) for name, value in feeds.items()})["noise_pred"].get()
-                if not np.array_equal(got, session.run(None, feeds)[0]):
-                    failures.append((seed, batch))
-        except Exception as error:  # noqa: BLE001 - reported below with the thread's seed
-            failures.append((seed, error))
+        for batch in (1, 2, 1):
+            feeds = signature.sample_inputs(batch, np.random.default_rng(seed), timesteps=30)
+            got = backend.run({name: xp.asarray(value) for name, value in feeds.items()})["noise_pred"].get()
+            if not np.array_equal(got, session.run(None, feeds)[0]):
+                return batch
+        return None
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert failures_in_threads(work) == []
     assert device.calls["create_execution_context"] == 4 and device.calls["cudaStreamCreate"] == 4
     assert set(device.copies) == {"cudaMemcpyDeviceToDevice"}
     backend.close()

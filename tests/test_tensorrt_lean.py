@@ -50,10 +50,11 @@ def lean_site(request) -> Path:
     return site
 
 
-def _environment(site: Path) -> dict:
+def _python(site: Path, *args: str) -> subprocess.CompletedProcess:
+    """This Python with `site` first on its path."""
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [environment.get("PYTHONPATH")])])
-    return environment
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, env=environment)
 
 
 def test_the_lean_runtime_imports_and_has_every_name_the_backend_uses(lean_site):
@@ -61,13 +62,7 @@ def test_the_lean_runtime_imports_and_has_every_name_the_backend_uses(lean_site)
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("full TensorRT is installed here, so the backend would not choose the lean runtime")
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK, json.dumps(tensorrt_backend.TENSORRT_NAMES)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_environment(lean_site),
-    )
+    done = _python(lean_site, "-c", CHECK, json.dumps(tensorrt_backend.TENSORRT_NAMES))
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     print(f"\n{found}")
@@ -77,14 +72,8 @@ def test_the_lean_runtime_imports_and_has_every_name_the_backend_uses(lean_site)
 
 
 def test_imagen_run_on_the_lean_runtime_without_a_gpu(lean_site, tmp_path):
-    run = [sys.executable, "-m", "imagen.runtime.cli", "a small red circle on the left", "--seed", "0", "--quiet"]
-    refused = subprocess.run(
-        [*run, "--backend", "tensorrt", "-o", str(tmp_path / "trt.png")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_environment(lean_site),
-    )
+    run = ["-m", "imagen.runtime.cli", "a small red circle on the left", "--seed", "0", "--quiet"]
+    refused = _python(lean_site, *run, "--backend", "tensorrt", "-o", str(tmp_path / "trt.png"))
     lines = refused.stderr.strip().splitlines()
     print(f"\n{refused.stderr}")
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
@@ -94,12 +83,6 @@ def test_imagen_run_on_the_lean_runtime_without_a_gpu(lean_site, tmp_path):
         and "--backend onnxruntime" in lines[0]
     )
     assert not (tmp_path / "trt.png").exists()
-    fallback = subprocess.run(
-        [*run, "--backend", "auto", "-o", str(tmp_path / "auto.png")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_environment(lean_site),
-    )
+    fallback = _python(lean_site, *run, "--backend", "auto", "-o", str(tmp_path / "auto.png"))
     assert fallback.returncode == 0, fallback.stderr
     assert (tmp_path / "auto.png").stat().st_size > 0

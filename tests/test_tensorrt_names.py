@@ -182,6 +182,21 @@ class Bindings:
         return all(part in self.strings or any(s.endswith(part) for s in self.strings) for part in name.split("."))
 
 
+def _download(spec: str, folder: Path, *options: str) -> None:
+    """The Linux x86-64 CPython 3.11 wheels of `spec` into `folder`, from PyPI; the test skips, saying
+    why, when pip cannot get them (offline)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", *options, "--only-binary", ":all:", "--python-version", "3.11"]
+        + ["--platform", "manylinux_2_28_x86_64", "--quiet", "--dest", str(folder), spec],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0 or not list(folder.glob("*.whl")):
+        lines = (done.stderr or done.stdout or "no output").strip().splitlines()
+        pytest.skip(f"cannot download {spec} from PyPI (offline?): {lines[-1] if lines else ''}")
+
+
 @pytest.fixture(scope="module")
 def bindings(request) -> dict[str, Bindings]:
     """The four wheels (about 1 MB each), downloaded once into pytest's cache."""
@@ -190,31 +205,7 @@ def bindings(request) -> dict[str, Bindings]:
         folder = request.config.cache.mkdir("tensorrt-bindings") / key.replace(" ", "-")
         folder.mkdir(exist_ok=True)
         if not list(folder.glob("*.whl")):
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--only-binary",
-                    ":all:",
-                    "--python-version",
-                    "3.11",
-                    "--platform",
-                    "manylinux_2_28_x86_64",
-                    "--quiet",
-                    "--dest",
-                    str(folder),
-                    spec,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if done.returncode != 0 or not list(folder.glob("*.whl")):
-                lines = (done.stderr or done.stdout or "no output").strip().splitlines()
-                pytest.skip(f"cannot download {spec} from PyPI (offline?): {lines[-1] if lines else ''}")
+            _download(spec, folder, "--no-deps")
         found[key] = Bindings(sorted(folder.glob("*.whl"))[-1])
     return found
 
@@ -273,16 +264,7 @@ def cuda_python(request) -> dict[str, Path]:
         folder = request.config.cache.mkdir("cuda-python") / key
         site = folder / "site"
         if not (site / "cuda" / "bindings").is_dir():
-            done = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--only-binary", ":all:", "--python-version", "3.11"]
-                + ["--platform", "manylinux_2_28_x86_64", "--quiet", "--dest", str(folder), spec],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if done.returncode != 0 or not list(folder.glob("cuda_bindings-*.whl")):
-                lines = (done.stderr or done.stdout or "no output").strip().splitlines()
-                pytest.skip(f"cannot download {spec} from PyPI (offline?): {lines[-1] if lines else ''}")
+            _download(spec, folder)
             for wheel in folder.glob("*.whl"):
                 with zipfile.ZipFile(wheel) as archive:
                     archive.extractall(site)

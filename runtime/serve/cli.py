@@ -17,6 +17,7 @@ import click
 
 from imagen._cli import command, run_command
 from imagen.runtime.backends import BACKENDS, PROVIDER_SETS
+from imagen.runtime.cli import providers_option
 
 PREFIX = "imagen-serve: "
 API_KEY_VARIABLE = "IMAGEN_API_KEY"
@@ -54,13 +55,7 @@ API_KEY_VARIABLE = "IMAGEN_API_KEY"
     help="Longest prompt accepted (400 beyond).",
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option(
-    "--providers",
-    type=click.Choice(list(PROVIDER_SETS)),
-    default="cpu",
-    show_default=True,
-    help="ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
-)
+@providers_option
 @click.option(
     "--threads", type=int, default=None, help="CPU threads per session (default: the CPUs this process may run on)."
 )
