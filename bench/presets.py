@@ -82,6 +82,23 @@ def write_text_encoder(folder: Path) -> None:
     TextEncoder(model, ByteTokenizer(MAX_LENGTH)).save(folder)
 
 
+def minimagen_imagen_params(image_sizes: list[int], timesteps: int) -> dict:
+    """MinImagen's imagen_params_<timestamp>.json as its training script writes it (every default filled in)."""
+    return {
+        "text_embed_dim": None,
+        "channels": 3,
+        "timesteps": timesteps,
+        "cond_drop_prob": 0.15,
+        "loss_type": "l2",
+        "lowres_sample_noise_level": 0.2,
+        "auto_normalize_img": True,
+        "dynamic_thresholding_percentile": 0.9,
+        "only_train_unet_number": None,
+        "image_sizes": list(image_sizes),
+        "text_encoder_name": "t5_small",
+    }
+
+
 def write_training_directory(root: Path, presets=PRESETS, text_embed_dim: int = TEXT_WIDTH) -> None:
     """parameters/ and state_dicts/ as MinImagen's training script writes them, with seeded random
     weights; one Unet in memory at a time."""
@@ -92,19 +109,7 @@ def write_training_directory(root: Path, presets=PRESETS, text_embed_dim: int = 
 
     for sub in ("parameters", "state_dicts", "tmp"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    imagen_params = {
-        "text_embed_dim": None,
-        "channels": 3,
-        "timesteps": 1000,
-        "cond_drop_prob": 0.15,
-        "loss_type": "l2",
-        "lowres_sample_noise_level": 0.2,
-        "auto_normalize_img": True,
-        "dynamic_thresholding_percentile": 0.9,
-        "only_train_unet_number": None,
-        "image_sizes": [size for _, size in presets],
-        "text_encoder_name": "t5_small",
-    }
+    imagen_params = minimagen_imagen_params([size for _, size in presets], timesteps=1000)
     (root / "parameters" / f"imagen_params_{STAMP}.json").write_text(json.dumps(imagen_params, indent=4))
     for index, (name, _) in enumerate(presets):
         config = preset_config(name)

@@ -1,6 +1,7 @@
 """A hand-made bundle and fake backends: bundle verification and the pipeline's own logic tested
 without real models. The stage files hold arbitrary bytes, the manifest is valid; a FakeBackend
-checks its feeds like a real backend and returns a fixed function of its inputs."""
+checks its feeds like a real backend and returns a fixed function of its inputs. Also a one-node
+ONNX model with its weights in external data, for the checks of where those may be."""
 
 import hashlib
 import json
@@ -175,3 +176,29 @@ BAD_PARAMETERS = [
     ("sr_strength", {"sr_strength": True}),
     ("sr_strength", {"sr_strength": "0.5"}),
 ]
+
+
+def external_data_model(folder: Path, location: str) -> Path:
+    """folder/m.onnx: y = x + w (4 float32) with w in external data that the model says is at
+    `location` (written as folder/w.bin, then the location rewritten)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = numpy_helper.from_array(np.ones((4,), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [weights],
+    )
+    path = folder / "m.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    model = onnx.load(path, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(model, path)
+    return path

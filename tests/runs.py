@@ -4,6 +4,8 @@ directory in MinImagen's layout."""
 import json
 from pathlib import Path
 
+from bench.presets import minimagen_imagen_params
+
 # The tiny trained run shared by the session (conftest.py's `tiny_run`) and the training tests.
 TINY = dict(
     image_sizes=(16, 32),
@@ -21,20 +23,8 @@ TINY = dict(
 )
 
 
-# MinImagen's imagen_params_<timestamp>.json, as its training script writes it (every default filled in).
-MINIMAGEN_PARAMS = {
-    "text_embed_dim": None,
-    "channels": 3,
-    "timesteps": 25,
-    "cond_drop_prob": 0.15,
-    "loss_type": "l2",
-    "lowres_sample_noise_level": 0.2,
-    "auto_normalize_img": True,
-    "dynamic_thresholding_percentile": 0.9,
-    "only_train_unet_number": None,
-    "image_sizes": [16, 32],
-    "text_encoder_name": "t5_small",
-}
+# MinImagen's imagen_params_<timestamp>.json for the tests' 16 -> 32 cascade.
+MINIMAGEN_PARAMS = minimagen_imagen_params([16, 32], timesteps=25)
 
 
 def write_minimagen_directory(root, t5_folder):

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from imagen.runtime import Pipeline, load_bundle
@@ -15,7 +14,7 @@ from imagen.runtime import backends as backends_module
 from imagen.runtime.contract import Manifest
 from imagen.runtime.errors import BackendError, BundleError
 
-from bundles import LENGTH, SIZES, WIDTH, edit_manifest, make_bundle, sha, with_engines
+from bundles import LENGTH, SIZES, WIDTH, edit_manifest, external_data_model, make_bundle, sha, with_engines
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "runtime" / "demo" / "manifest.json"
 
@@ -165,32 +164,15 @@ def test_manifest_external_data_paths_must_stay_inside(tmp_path, location, patte
 
 @pytest.mark.parametrize("location", ["../outside.bin", "ABSOLUTE", "link.bin"])
 def test_onnx_external_data_leaving_the_model_folder_is_refused(tmp_path, location):
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
+    pytest.importorskip("onnx")
     from imagen.runtime.backends import OnnxRuntimeBackend
     from imagen.runtime.contract import StageSignature, TensorSpec
 
     folder = tmp_path / "bundle"
-    folder.mkdir()
-    weights = numpy_helper.from_array(np.ones((4,), np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [weights],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    location = str(tmp_path / "outside.bin") if location == "ABSOLUTE" else location
+    external_data_model(folder, location)
     shutil.copy(folder / "w.bin", tmp_path / "outside.bin")
     (folder / "link.bin").symlink_to(tmp_path / "outside.bin")
-    location = str(tmp_path / "outside.bin") if location == "ABSOLUTE" else location
-    model = onnx.load(folder / "m.onnx", load_external_data=False)
-    for entry in model.graph.initializer[0].external_data:
-        if entry.key == "location":
-            entry.value = location
-    onnx.save(model, folder / "m.onnx")
     stage = StageSignature("unet_0", (TensorSpec("x", "float32", (4,)),), (TensorSpec("y", "float32", (4,)),), 1, 1, 1)
     with pytest.raises(BackendError, match=r"onnxruntime cannot load .*m\.onnx \(stage unet_0\)"):
         OnnxRuntimeBackend(folder / "m.onnx", stage, threads=1)

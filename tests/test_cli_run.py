@@ -132,36 +132,19 @@ def test_cli_errors_are_one_line_exit_2(args, pattern, bundle_fp32, tmp_path):
 
 
 def test_cli_bad_bundle_subprocess_exit_2(tmp_path):
-    out = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "imagen.runtime.cli",
-            "a",
-            "--bundle",
-            str(tmp_path / "missing"),
-            "-o",
-            str(tmp_path / "a.png"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    command = [
+        PYTHON,
+        "-m",
+        "imagen.runtime.cli",
+        "a",
+        "--bundle",
+        str(tmp_path / "missing"),
+        "-o",
+        str(tmp_path / "a.png"),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
-    debug = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "imagen.runtime.cli",
-            "a",
-            "--bundle",
-            str(tmp_path / "missing"),
-            "-o",
-            str(tmp_path / "a.png"),
-            "--debug",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from bench.workload import default_run_dir, same_run
 from imagen.export import cli as cli_module
@@ -23,6 +23,8 @@ from imagen.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportError, conv
 from imagen.runtime import Pipeline, load_bundle
 from imagen.runtime.contract import Source, run_config_sha256
 from imagen.runtime.errors import BundleError
+
+from bundles import external_data_model
 
 PROMPTS = ["a small red circle on the left", "a large blue square at the top"]
 
@@ -151,38 +153,17 @@ def test_fp16_conversion_keeps_external_data_beside_the_model(bundle_fp32, tmp_p
     assert np.array_equal(outputs[0], outputs[1])
 
 
-def _tiny_model(folder: Path, location: str) -> Path:
-    """y = x + w with w stored as external data at `location` (written as w.bin, then renamed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = numpy_helper.from_array(np.ones((4,), np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [weights],
-    )
-    path = folder / "m.onnx"
-    onnx.save(helper.make_model(graph), path, save_as_external_data=True, location="w.bin", size_threshold=0)
-    model = onnx.load(path, load_external_data=False)
-    for entry in model.graph.initializer[0].external_data:
-        if entry.key == "location":
-            entry.value = location
-    onnx.save(model, path)
-    return path
-
-
 @pytest.mark.parametrize("location", ["../w.bin", "ABSOLUTE", "missing.bin"])
 def test_external_data_outside_the_model_folder_fails_the_export(tmp_path, location):
     location = str(tmp_path / "w.bin") if location == "ABSOLUTE" else location
-    path = _tiny_model(tmp_path / "stage", location)
+    path = external_data_model(tmp_path / "stage", location)
     shutil.move(tmp_path / "stage" / "w.bin", tmp_path / "w.bin")
     with pytest.raises(ExportError, match=r"m\.onnx: tensor w reads external data .*, which is not a file inside"):
         external_data_files(path)
 
 
 def test_external_data_files_are_named_by_the_model_not_guessed(tmp_path):
-    path = _tiny_model(tmp_path / "stage", "weights.bin")
+    path = external_data_model(tmp_path / "stage", "weights.bin")
     (tmp_path / "stage" / "w.bin").rename(tmp_path / "stage" / "weights.bin")
     assert external_data_files(path) == [tmp_path / "stage" / "weights.bin"]
 
