@@ -30,13 +30,14 @@ from imagen.runtime.contract import (
     StageSignature,
     TensorRTEntry,
     TokenizerEntry,
+    check_sampler,
+    check_sr_strength,
     run_config_sha256,
     sha256_file,
     text_encoder_signature,
     unet_name,
     unet_signature,
 )
-from imagen.runtime.settings import check_sampler, check_sr_strength
 
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD,

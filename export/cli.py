@@ -4,7 +4,7 @@ import click
 
 from imagen._cli import command, run_command
 from imagen.reference.checkpoint import WEIGHT_KINDS
-from imagen.runtime.samplers import SAMPLERS
+from imagen.runtime.contract import SAMPLER_NAMES
 
 from .bundle import export_bundle
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, ExportError
@@ -43,7 +43,7 @@ PREFIX = "imagen-export: "
 )
 @click.option(
     "--sampler",
-    type=click.Choice(list(SAMPLERS)),
+    type=click.Choice(list(SAMPLER_NAMES)),
     default="ddpm",
     show_default=True,
     help="The bundle's default sampler.",

@@ -12,6 +12,7 @@ inference backend per stage), `Pipeline.settings` (a request's checked `Settings
 from . import errors
 from .backends import BACKENDS, open_backends
 from .bundle import Bundle, load_bundle
+from .contract import Settings
 from .errors import (
     BackendError,
     BundleError,
@@ -24,7 +25,6 @@ from .errors import (
 from .guidance import GuidedDenoiser
 from .pipeline import Pipeline, Result
 from .samplers import SAMPLERS
-from .settings import Settings
 
 __all__ = [
     "Pipeline",

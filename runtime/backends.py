@@ -18,9 +18,9 @@ from . import device_arrays
 from .arrays import NUMPY, dtype_name, is_array, to_numpy
 from .bundle import Bundle
 from .contract import BATCH, StageSignature
+from .contract.settings import is_int
 from .device_arrays import contiguous, cupy_namespace, device_buffer, empty, is_device_array, is_device_namespace
 from .errors import BackendError, BundleError, ParameterError, SignatureError
-from .settings import is_int
 from .tensorrt_backend import TensorRTBackend, check_engines_match, is_lean, tensorrt_environment
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")

@@ -29,9 +29,9 @@ from .contract import (
     unet_name,
     unet_signature,
 )
+from .contract.settings import Settings, check_guidance_scale, check_sr_strength
 from .errors import BundleError, ParameterError
 from .schedule import Schedule
-from .settings import Settings, check_guidance_scale, check_sr_strength
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from imagen._cli import command, run_command
 from imagen._io import atomic_save
 
 from .backends import BACKENDS, PROVIDER_SETS
-from .samplers import SAMPLERS
+from .contract import SAMPLER_NAMES
 
 PREFIX = ""  # imagen-run's lines are `error: ...`
 
@@ -92,7 +92,9 @@ providers_option = click.option(
 @click.option("--out-dir", default=None, help="Folder for several images (default imagen-out/).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, reported).")
 @click.option("--steps", type=int, default=None, help="Sampler steps per Unet (default: the bundle's).")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=None, help="Sampler (default: the bundle's).")
+@click.option(
+    "--sampler", type=click.Choice(list(SAMPLER_NAMES)), default=None, help="Sampler (default: the bundle's)."
+)
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")

@@ -27,11 +27,11 @@ from .arrays import backend_device, backend_namespace, device, namespace, to_nam
 from .backends import check_backend_options, open_backends
 from .bundle import Bundle, load_bundle
 from .contract import LOWRES, MANIFEST, TEXT_ENCODER
+from .contract.settings import MAX_SEED, Settings, is_int
 from .errors import BackendError, BundleError, NonFiniteError, ParameterError
 from .guidance import GuidedDenoiser
 from .images import resize_image, to_uint8
 from .samplers import run_sampler, spaced_timesteps
-from .settings import MAX_SEED, Settings, is_int
 from .tokenizer import Tokenizer
 
 DEMO_BUNDLE = Path(__file__).parent / "demo"

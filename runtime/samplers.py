@@ -139,6 +139,7 @@ def sample_dpmpp_2m(
     return x
 
 
+# the contract names the samplers (SAMPLER_NAMES); this maps each name to its loop
 SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
 
 

@@ -9,7 +9,7 @@ import click
 from imagen._cli import command, run_command
 from imagen._io import atomic_save
 from imagen.runtime.backends import BACKENDS
-from imagen.runtime.samplers import SAMPLERS
+from imagen.runtime.contract import SAMPLER_NAMES
 
 from .scenes import SPLITS
 
@@ -29,7 +29,9 @@ PREFIX = ""  # imagen-eval's lines are `error: ...`
     help="Captions from the training distribution, or only the held-out (colour, shape) pairs.",
 )
 @click.option("--n", type=click.IntRange(min=1), default=100, show_default=True, help="Number of captions.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=None, help="Sampler (default: the bundle's).")
+@click.option(
+    "--sampler", type=click.Choice(list(SAMPLER_NAMES)), default=None, help="Sampler (default: the bundle's)."
+)
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps per Unet (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option(

@@ -143,7 +143,7 @@ def test_bad_integer_list_is_a_usage_error(monkeypatch):
 @pytest.mark.parametrize("name", ["imagen-export", "imagen-run", "imagen-eval"])
 def test_sampler_and_backend_choices_are_the_runtimes_lists(name, monkeypatch):
     from imagen.runtime.backends import BACKENDS
-    from imagen.runtime.samplers import SAMPLERS
+    from imagen.runtime.contract import SAMPLER_NAMES as SAMPLERS
 
     main, args, prefix, calls = _command(monkeypatch, name, AssertionError("must not run"))
     choices = {p.name: tuple(getattr(p.type, "choices", ())) for p in main.params}

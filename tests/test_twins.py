@@ -172,3 +172,10 @@ def test_sampler_matches_reference_every_step(sampler, steps, eta):
     assert rel(out, ref_out.numpy()) <= 1e-5
     # both drew the same number of noise arrays
     assert gen_a.bit_generator.state == gen_b.bit_generator.state
+
+
+def test_the_runtime_runs_every_sampler_the_contract_names():
+    from imagen.runtime.contract import SAMPLER_NAMES
+    from imagen.runtime.samplers import SAMPLERS
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES

@@ -1,11 +1,27 @@
 """The bundle contract (docs/bundle.md): what `imagen-export` writes and the runtime reads,
 declared once. `signatures` holds the stage signatures and the names; `manifest` the typed
-manifest.json, and `entries` its small records and field readers. Standard library and NumPy
-only: `imagen.export` imports this package, the runtime imports nothing from export.
+manifest.json, `entries` its small records and field readers, and `settings` a request's
+sampling settings with every range check. Standard library, NumPy and `imagen.runtime.errors`
+only (DESIGN.md, Layers): `imagen.export` imports this package, the runtime imports nothing
+from export.
 """
 
 from .entries import FileEntry, Parity, ScheduleEntry, Source, TensorRTEntry, run_config_sha256
 from .manifest import Defaults, Manifest, StageEntry, TokenizerEntry
+from .settings import (
+    MAX_SEED,
+    SAMPLER_NAMES,
+    Settings,
+    check_eta,
+    check_guidance_scale,
+    check_sampler,
+    check_seed,
+    check_sr_strength,
+    check_steps,
+    check_steps_per_unet,
+    is_int,
+    is_number,
+)
 from .signatures import (
     BATCH,
     FORMAT,
@@ -54,4 +70,16 @@ __all__ = [
     "unet_name",
     "unet_signature",
     "run_config_sha256",
+    "MAX_SEED",
+    "SAMPLER_NAMES",
+    "Settings",
+    "check_eta",
+    "check_guidance_scale",
+    "check_sampler",
+    "check_seed",
+    "check_sr_strength",
+    "check_steps",
+    "check_steps_per_unet",
+    "is_int",
+    "is_number",
 ]

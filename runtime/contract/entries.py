@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BundleError
-from ..settings import is_int, is_number
+from .settings import is_int, is_number
 from .signatures import MANIFEST, REEXPORT
 
 

@@ -10,7 +10,6 @@ verification (`imagen.runtime.bundle`).
 from dataclasses import dataclass, field
 
 from ..errors import BundleError, ParameterError
-from ..settings import check_sampler, check_sr_strength, check_steps, is_int
 from .entries import (
     FileEntry,
     Parity,
@@ -21,6 +20,7 @@ from .entries import (
     json_field,
     json_object,
 )
+from .settings import check_sampler, check_sr_strength, check_steps, is_int
 from .signatures import (
     BATCH,
     FORMAT,

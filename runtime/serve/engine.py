@@ -22,8 +22,7 @@ import time
 
 import numpy as np
 
-from imagen.runtime.contract import TEXT_ENCODER
-from imagen.runtime.settings import MAX_SEED, Settings
+from imagen.runtime.contract import MAX_SEED, TEXT_ENCODER, Settings
 
 
 @dataclasses.dataclass(frozen=True)

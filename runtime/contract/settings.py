@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ParameterError
-from .samplers import SAMPLERS
+from ..errors import ParameterError
+
+# the samplers a bundle may name as its default and a request may ask for (runtime/samplers.py runs them)
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
 
 MAX_SEED = 2**63
 
@@ -33,8 +35,8 @@ def is_number(value) -> bool:
 
 
 def check_sampler(value) -> str:
-    if not isinstance(value, str) or value not in SAMPLERS:
-        raise ParameterError("sampler", f"one of {', '.join(SAMPLERS)}", value)
+    if not isinstance(value, str) or value not in SAMPLER_NAMES:
+        raise ParameterError("sampler", f"one of {', '.join(SAMPLER_NAMES)}", value)
     return value
 
 
