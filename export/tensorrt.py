@@ -1,27 +1,35 @@
 """TensorRT engines from the bundle's ONNX files, with the TensorRT Python API (10.x and 11.x).
 
-One engine per stage: ONNX parser, one optimization profile from the stage signature's
-min/opt/max shapes, and a timing cache kept beside the engines. Networks are strongly typed:
+One engine per stage: ONNX parser, one optimization profile (`engine_profile`: batch 1 to the
+stage's largest, tuned for the largest, the batch a busy server runs), and a timing cache kept
+beside the engines. Networks are strongly typed:
 an FP16 Unet's ONNX already holds FP16 weights and math with FP32 inputs and outputs
 (`convert_fp16`), and the engine keeps exactly those types, so no precision flag is set
 (TensorRT 11 removed them; on 10.x they conflict with strong typing). The T5 encoder's ONNX is
 FP32 and so is its engine (TensorRT's default TF32 applies to its matrix products on Ampere and
 later). Every engine is run on the stage's sample inputs and compared with ONNX Runtime (CPU) on
-the same inputs before it is written. Engines are built on and for one GPU kind: they go into
-`tensorrt/sm<cc>-<version>/`; version-compatible ones also run on later TensorRT releases of the
-same major version and on the lean runtime.
+the same inputs, on the host, before it is written. Engines are built on and for one GPU kind and
+one TensorRT version: they go into `tensorrt/sm<cc>-<version>/`. Version-compatible ones also run on
+the lean runtime of that same version; they leave the lean runtime out of the plan
+(EXCLUDE_LEAN_RUNTIME), so they do not run on later releases (see `check_engines_match`).
+
+Imports from the runtime: its public `imagen.runtime.backends`, the contract and the errors only.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from imagen.runtime.backends import TENSORRT_NAMES as RUNTIME_NAMES
+from imagen.runtime.backends import engine_profile
 from imagen.runtime.contract import FileEntry, StageSignature, TensorRTEntry, sha256_file
-from imagen.runtime.tensorrt_backend import TENSORRT_NAMES as RUNTIME_NAMES
+from imagen.runtime.errors import BackendError
 
-from .onnx_export import ExportError, relative_error
+from .errors import ExportError
+from .parity import relative_error
 
 # Every TensorRT name the engine build uses ("Class.member" for members); with the runtime's, the
 # names this project needs. Tests check them against the TensorRT 10.x and 11.x bindings and check
@@ -55,6 +63,7 @@ BUILDER_NAMES = (
     "ITimingCache.serialize",
 )
 TENSORRT_NAMES = tuple(dict.fromkeys(BUILDER_NAMES + RUNTIME_NAMES))
+log = logging.getLogger(__name__)
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -89,8 +98,7 @@ class Target(NamedTuple):
 def tensorrt_target() -> Target:
     """This machine's TensorRT (the full package: the lean runtime cannot build) and GPU, from the
     runtime's own probe, or TensorRTUnavailable saying what is missing."""
-    from imagen.runtime.errors import BackendError
-    from imagen.runtime.tensorrt_backend import gpu_name, tensorrt_environment
+    from imagen.runtime.backends import gpu_name, tensorrt_environment
 
     try:
         trt, cudart, capability, version = tensorrt_environment()
@@ -125,8 +133,8 @@ def build_engine(
     workspace_gb: float = 4.0,
 ) -> None:
     """Parses `onnx_path` (external data beside it) into a strongly typed network and writes its engine.
-    version_compatible: the engine runs on later TensorRT of the same major version and on the lean
-    runtime; the lean runtime is left out of the plan (the loader allows the plan's host code)."""
+    version_compatible: the engine also runs on the lean runtime of this TensorRT version; the lean
+    runtime is left out of the plan (the loader allows the plan's host code)."""
     trt = tensorrt_target().trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -140,10 +148,9 @@ def build_engine(
     if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    use_timing_cache(config, timing_cache, signature.name)
     profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in signature.profile().items():
+    for name, (low, opt, high) in engine_profile(signature).items():
         profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
@@ -154,6 +161,19 @@ def build_engine(
     plan_path.write_bytes(bytes(serialized))
     cache = config.get_timing_cache()
     timing_cache.write_bytes(bytes(cache.serialize()))
+
+
+def use_timing_cache(config, timing_cache: Path, stage: str) -> None:
+    """Gives the build the timing cache file's measurements. TensorRT refuses (False) a cache from
+    another GPU or TensorRT version: that one is replaced by a fresh cache, which the build fills
+    and `build_engine` writes back; EngineError if TensorRT refuses even an empty one."""
+    blob = timing_cache.read_bytes() if timing_cache.exists() else b""
+    if config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+        return
+    if blob and config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        log.warning("%s: TensorRT refused the timing cache %s (another GPU or version); made anew", stage, timing_cache)
+        return
+    raise EngineError(f"{stage}: TensorRT refused a timing cache (set_timing_cache); delete {timing_cache} and rebuild")
 
 
 def check_engine(
@@ -167,16 +187,21 @@ def check_engine(
     seed: int = 0,
 ) -> float:
     """The largest relative error of the engine against ONNX Runtime (CPU) on the same sample inputs,
-    at the profile's smallest and largest batch; EngineCheckError above `tolerance` (or non-finite)."""
+    at the profile's smallest and largest batch; EngineCheckError above `tolerance` (or non-finite).
+    Both sides are NumPy arrays on the host: the engine's outputs are copied there (array_namespace),
+    even where CuPy would be the backend's default."""
     import onnxruntime as ort
 
-    from imagen.runtime.tensorrt_backend import TensorRTBackend
+    from imagen.runtime.backends import TensorRTBackend
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     rng, worst = np.random.default_rng(seed), 0.0
-    with TensorRTBackend(plan_path, signature, cuda_graphs=False, version_compatible=version_compatible) as backend:
+    opened = TensorRTBackend(
+        plan_path, signature, cuda_graphs=False, version_compatible=version_compatible, array_namespace=np
+    )
+    with opened as backend:
         for batch in sorted({signature.batch_min, signature.batch_max}):
             feeds = signature.sample_inputs(batch, rng, **(input_kwargs or {}))
             expected = dict(zip(signature.output_names, session.run(signature.output_names, feeds)))

@@ -53,12 +53,20 @@ def is_array(value) -> bool:
 
 def to_numpy(array) -> np.ndarray:
     """A NumPy copy on the host of an array of any namespace (the one device-to-host transfer the
-    loop makes, for the final images). NumPy arrays are returned as they are."""
+    loop makes, for the final images). NumPy arrays are returned as they are. A device array comes
+    back through its library's `get()` (CuPy's; NumPy's from_dlpack refuses device memory), any
+    other through DLPack."""
     if isinstance(array, np.ndarray):
         return array
-    if array_api_compat.is_cupy_array(array):
+    if array_api_compat.is_cupy_array(array) or (_on_device(array) and callable(getattr(array, "get", None))):
         return array.get()
     return np.asarray(np.from_dlpack(array))
+
+
+def _on_device(array) -> bool:
+    """Whether DLPack places `array` outside host memory (kDLCPU is 1)."""
+    where = getattr(array, "__dlpack_device__", None)
+    return where is not None and int(where()[0]) != 1
 
 
 def to_namespace(xp, array, like=None, device=None):

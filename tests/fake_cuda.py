@@ -1,14 +1,24 @@
-"""A fake cuda-python runtime (`cuda.bindings.runtime`), for the TensorRT tests without a GPU,
-a fake CuPy-like device array library over the same fake device, and a stand-in for an ONNX
-Runtime session on the CUDA provider that reads and writes that device's memory.
+"""A fake cuda-python runtime (`cuda.bindings.runtime`), for the TensorRT tests without a GPU, and
+a stand-in for an ONNX Runtime session on the CUDA provider that reads and writes that device's
+memory (fake_cupy.py holds the array libraries over the same fake device).
 
 The fake device keeps memory as bytearrays at integer addresses. Streams queue their work until
 cudaStreamSynchronize (a copy from host memory is taken when enqueued, as for pageable memory; a
 device-to-device copy reads its source when it runs); a capture records the work into a graph,
 which cudaGraphLaunch replays at the addresses captured. A copy whose kind does not match where
 its pointers are (a device address read as host memory) fails instead of touching host memory.
-Its public names are cuda-python's: tests check them against the list the backend declares
-(`CUDART_NAMES`) and against the real cuda-python bindings."""
+
+It refuses what CUDA refuses, where this project's code could get it wrong:
+- streams: the legacy default stream (handle 0 or 1) is a stream of its own whose work runs when it
+  is synchronized, or before later work of a blocking stream (cudaStreamCreate: blocking streams wait
+  for the legacy stream's earlier work). Non-blocking streams (cudaStreamCreateWithFlags(
+  cudaStreamNonBlocking)) do not: their work is ordered after another stream's only by an event
+  (cudaEventRecord there, cudaStreamWaitEvent here);
+- capture: work on the legacy default stream, from any thread, while a blocking stream captures
+  fails with cudaErrorStreamCaptureImplicit and invalidates that capture (CUDA's implicit
+  synchronization with the legacy stream cannot be captured); `Device.on_capture` runs when a capture
+  begins, to stand in for another thread's work at that moment.
+Its public names are cuda-python's: tests check them against the real cuda-python bindings."""
 
 import ctypes
 import enum
@@ -18,6 +28,8 @@ from collections import Counter
 
 import numpy as np
 
+LEGACY, PER_THREAD = 1, 2  # the CUDA Array Interface's handles of the default streams (0 is the legacy one too)
+
 
 class cudaError_t(enum.IntEnum):  # noqa: N801 - cuda-python's name
     cudaSuccess = 0
@@ -26,21 +38,34 @@ class cudaError_t(enum.IntEnum):  # noqa: N801 - cuda-python's name
     cudaErrorInsufficientDriver = 35
     cudaErrorStreamCaptureUnsupported = 900
     cudaErrorStreamCaptureInvalidated = 901
+    cudaErrorStreamCaptureImplicit = 906
 
 
 class Device:
     """What the fake GPU holds and counts; tests set `fail` (cudart calls that return an error, and
     "empty": the fake array library is out of memory), `perturb` (relative error added to engine
-    outputs) and `capture_fails` (execute_async_v3 fails while a stream captures)."""
+    outputs), `capture_fails` (execute_async_v3 fails while a stream captures) and `on_capture`
+    (called when a capture begins). `driver`: whether cudaGetDeviceCount finds the GPU (else CUDA
+    error 35); `driver_version` is what cudaDriverGetVersion gives (None: 13.0 with a driver, 0, "none
+    installed", without), `runtime_version` what cudaRuntimeGetVersion gives."""
 
-    def __init__(self, driver: bool = True):
+    def __init__(self, driver: bool = True, driver_version: int | None = None, runtime_version: int = 13000):
         self.driver, self.memory, self.streams, self.graphs = driver, {}, {}, set()
+        self.driver_version = (13000 if driver else 0) if driver_version is None else driver_version
+        self.runtime_version = runtime_version
         self.calls, self.fail, self.perturb, self.capture_fails = Counter(), set(), 0.0, False
         self.plans, self.runtimes, self.capture_modes, self._next = [], [], [], 1 << 16
         self.arrays = {}  # address -> bytearray: what the fake array library allocated (not cudaMalloc)
         self.copies = Counter()  # cudaMemcpyAsync calls by kind name
         self.synchronized = []  # the stream handles given to cudaStreamSynchronize, in order
+        self.events, self.on_capture = {}, None
         self._lock = threading.Lock()
+        for handle in (LEGACY, PER_THREAD):
+            self.streams[handle] = _Stream(self, handle, flags=0)
+
+    @property
+    def legacy(self) -> "_Stream":
+        return self.streams[LEGACY]
 
     def handle(self, nbytes: int = 0) -> int:
         """A number never handed out before (an address or a stream handle)."""
@@ -70,16 +95,52 @@ class Device:
                     return memoryview(data)[address - base : address - base + nbytes]
         raise RuntimeError(f"fake device: {nbytes} bytes at {address} are not inside an allocation")
 
+    def stream(self, handle) -> "_Stream | None":
+        handle = int(handle)
+        return self.streams.get(LEGACY if handle == 0 else handle)
+
+    def legacy_use(self) -> bool:
+        """Work on the legacy default stream now: False (and the captures invalidated) while a
+        blocking stream captures, as CUDA refuses it then (cudaErrorStreamCaptureImplicit)."""
+        capturing = [s for s in list(self.streams.values()) if s.capture is not None and s.flags == 0]
+        for stream in capturing:
+            stream.invalidated = True
+        return not capturing
+
+
+class _Work:
+    """One item of a stream's work; it runs once, from whichever stream gets to it first."""
+
+    def __init__(self, function):
+        self.function, self.done = function, False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.function()
+
 
 class _Stream:
-    def __init__(self, handle: int):
-        self.handle, self.queue, self.capture, self.invalidated = handle, [], None, False
+    def __init__(self, device: Device, handle: int, flags: int):
+        self.device, self.handle, self.flags = device, handle, flags
+        self.queue, self.capture, self.invalidated = [], None, False
 
     def __int__(self) -> int:
         return self.handle
 
     def enqueue(self, work) -> None:
-        (self.queue if self.capture is None else self.capture).append(work)
+        if self.capture is not None:
+            self.capture.append(work)
+            return
+        if self.flags == 0 and self.handle not in (LEGACY, PER_THREAD):  # a blocking stream: after the legacy one
+            earlier = list(self.device.legacy.queue)
+            self.queue.append(_Work(lambda: [item() for item in earlier]))
+        self.queue.append(work if isinstance(work, _Work) else _Work(work))
+
+    def run(self) -> None:
+        work, self.queue = self.queue, []
+        for item in work:
+            item()
 
 
 def make_cudart(device: Device) -> types.ModuleType:
@@ -92,6 +153,7 @@ def make_cudart(device: Device) -> types.ModuleType:
         "cudaStreamCaptureMode",
         {"cudaStreamCaptureModeGlobal": 0, "cudaStreamCaptureModeThreadLocal": 1, "cudaStreamCaptureModeRelaxed": 2},
     )
+    cudart.cudaStreamNonBlocking, cudart.cudaEventDisableTiming = 1, 2  # the real values
 
     def call(function):
         def wrapper(*args):
@@ -104,7 +166,12 @@ def make_cudart(device: Device) -> types.ModuleType:
         setattr(cudart, function.__name__, wrapper)
         return wrapper
 
-    ok = cudaError_t.cudaSuccess
+    ok, invalid = cudaError_t.cudaSuccess, cudaError_t.cudaErrorInvalidValue
+    implicit = cudaError_t.cudaErrorStreamCaptureImplicit
+
+    def legacy_refused(stream) -> bool:
+        """Whether this work on `stream` is on the legacy default stream while CUDA refuses that."""
+        return int(stream) in (0, LEGACY) and not device.legacy_use()
 
     @call
     def cudaGetDeviceCount():
@@ -119,22 +186,70 @@ def make_cudart(device: Device) -> types.ModuleType:
         return ok, types.SimpleNamespace(major=9, minor=0, name=b"Fake GPU 80GB\0\0\0")
 
     @call
+    def cudaDriverGetVersion():
+        return ok, device.driver_version
+
+    @call
+    def cudaRuntimeGetVersion():
+        return ok, device.runtime_version
+
+    @call
     def cudaMalloc(nbytes):
         return ok, device.allocate(nbytes)
 
     @call
     def cudaFree(address):
-        return (ok,) if device.memory.pop(address, None) is not None else (cudaError_t.cudaErrorInvalidValue,)
+        return (ok,) if device.memory.pop(address, None) is not None else (invalid,)
 
-    @call
-    def cudaStreamCreate():
-        stream = _Stream(device.handle())
+    def create(flags):
+        stream = _Stream(device, device.handle(), flags)
         device.streams[stream.handle] = stream
         return ok, stream
 
     @call
+    def cudaStreamCreate():
+        return create(0)
+
+    @call
+    def cudaStreamCreateWithFlags(flags):
+        return create(int(flags))
+
+    @call
     def cudaStreamDestroy(stream):
-        return (ok,) if device.streams.pop(int(stream), None) is not None else (cudaError_t.cudaErrorInvalidValue,)
+        if int(stream) in (0, LEGACY, PER_THREAD):
+            return (invalid,)
+        return (ok,) if device.streams.pop(int(stream), None) is not None else (invalid,)
+
+    @call
+    def cudaEventCreateWithFlags(flags):
+        event = device.handle()
+        device.events[event] = []
+        return ok, event
+
+    @call
+    def cudaEventRecord(event, stream):
+        if legacy_refused(stream):
+            return (implicit,)
+        source = device.stream(stream)
+        if event not in device.events or source is None:
+            return (invalid,)
+        device.events[event] = list(source.queue if source.capture is None else source.capture)
+        return (ok,)
+
+    @call
+    def cudaStreamWaitEvent(stream, event, flags):
+        if legacy_refused(stream):
+            return (implicit,)
+        target = device.stream(stream)
+        if event not in device.events or target is None:
+            return (invalid,)
+        earlier = device.events[event]
+        target.enqueue(lambda: [item() for item in earlier])
+        return (ok,)
+
+    @call
+    def cudaEventDestroy(event):
+        return (ok,) if device.events.pop(event, None) is not None else (invalid,)
 
     @call
     def cudaMemcpyAsync(destination, source, nbytes, kind, stream):
@@ -142,7 +257,12 @@ def make_cudart(device: Device) -> types.ModuleType:
         on_device = (device.holds(destination), device.holds(source))
         expected = {kinds.cudaMemcpyHostToDevice: (True, False), kinds.cudaMemcpyDeviceToHost: (False, True)}
         if on_device != expected.get(kind, (True, True)):
-            return (cudaError_t.cudaErrorInvalidValue,)  # a real GPU would read or write the wrong memory
+            return (invalid,)  # a real GPU would read or write the wrong memory
+        if legacy_refused(stream):
+            return (implicit,)
+        stream = device.stream(stream)
+        if stream is None:
+            return (invalid,)
         device.copies[kinds(kind).name] += 1
         if kind == kinds.cudaMemcpyHostToDevice:
             data = ctypes.string_at(source, nbytes)
@@ -162,22 +282,22 @@ def make_cudart(device: Device) -> types.ModuleType:
     @call
     def cudaStreamSynchronize(stream):
         device.synchronized.append(int(stream))
-        if int(stream) in (1, 2):  # the legacy and per-thread default streams: no fake work runs there
-            return (ok,)
-        stream = device.streams.get(int(stream))
+        if legacy_refused(stream):
+            return (implicit,)
+        stream = device.stream(stream)
         if stream is None:
-            return (cudaError_t.cudaErrorInvalidValue,)
+            return (invalid,)
         if stream.capture is not None:
             return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
-        work, stream.queue = stream.queue, []
-        for item in work:
-            item()
+        stream.run()
         return (ok,)
 
     @call
     def cudaStreamBeginCapture(stream, mode):
         device.capture_modes.append(mode)
         stream.capture, stream.invalidated = [], False
+        if device.on_capture is not None:
+            device.on_capture()
         return (ok,)
 
     @call
@@ -196,9 +316,9 @@ def make_cudart(device: Device) -> types.ModuleType:
     @call
     def cudaGraphLaunch(instance, stream):
         if instance not in device.graphs:
-            return (cudaError_t.cudaErrorInvalidValue,)
-        for item in instance[1]:
-            stream.enqueue(item)
+            return (invalid,)
+        for item in instance[1]:  # a replay runs the captured work again
+            stream.enqueue(_Work(item.function if isinstance(item, _Work) else item))
         return (ok,)
 
     @call
@@ -215,93 +335,6 @@ def make_cudart(device: Device) -> types.ModuleType:
         return (ok,)
 
     return cudart
-
-
-class DeviceArray:
-    """A CuPy-like array in the fake device's memory, as far as the backends see one: shape, dtype,
-    ndim, `__cuda_array_interface__` (version 3: pointer, strides, the stream to wait for) and
-    `__array_namespace__`; `copy(order="C")` as CuPy has it; `get()` reads it back for tests."""
-
-    def __init__(self, namespace, shape, dtype, address: int, strides=None, stream: int | None = None):
-        self.namespace, self.shape, self.dtype = namespace, tuple(shape), np.dtype(dtype)
-        self.address, self.strides, self.stream = address, strides, stream
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def __cuda_array_interface__(self) -> dict:
-        return {
-            "version": 3,
-            "shape": self.shape,
-            "typestr": self.dtype.str,
-            "data": (self.address, False),
-            "strides": self.strides,
-            "stream": self.stream,
-        }
-
-    def __array_namespace__(self, api_version=None):
-        return self.namespace
-
-    def get(self) -> np.ndarray:
-        """A host copy, read straight from the fake memory (no CUDA call, no stream)."""
-        strides = self.strides or np.empty(self.shape, self.dtype).strides
-        extent = sum((n - 1) * s for n, s in zip(self.shape, strides)) + self.dtype.itemsize
-        raw = self.namespace.device.view(self.address, extent)
-        return np.ndarray(self.shape, self.dtype, buffer=raw, strides=strides).copy()
-
-    def copy(self, order: str = "C") -> "DeviceArray":
-        if order != "C":
-            raise ValueError("the fake array library copies in C order only")
-        return self.namespace.asarray(self.get())
-
-
-class DeviceNamespace:
-    """The array API namespace of DeviceArray, as far as the backends use one (its dtypes and
-    `empty`), and `asarray` to put test data on the fake device. Its arrays name `stream` in their
-    interface. `asarray(..., pending=stream)` queues the write on a stream from cudaStreamCreate
-    instead: the array's producer has not finished until someone synchronizes that stream."""
-
-    __name__ = "fake_cupy"
-
-    def __init__(self, device: Device, stream: int | None = None):
-        self.device, self.stream, self.allocations = device, stream, 0
-        for name in ("float16", "float32", "int32", "int64", "bool"):
-            setattr(self, name, np.dtype(name))
-
-    def empty(self, shape, dtype=None) -> DeviceArray:
-        dtype = np.dtype(self.float32 if dtype is None else dtype)
-        if "empty" in self.device.fail:
-            raise MemoryError("fake device: out of memory")
-        self.allocations += 1
-        address = self.device.allocate(int(np.prod(shape)) * dtype.itemsize, pool=self.device.arrays)
-        return DeviceArray(self, shape, dtype, address, stream=self.stream)
-
-    def asarray(self, array, pending=None) -> DeviceArray:
-        host = np.ascontiguousarray(array)
-        result = self.empty(host.shape, host.dtype)
-        write = lambda: result.namespace.device.view(result.address, host.nbytes).__setitem__(  # noqa: E731
-            slice(None), host.tobytes()
-        )
-        if pending is None:
-            write()
-        else:
-            pending.enqueue(write)
-            result.stream = int(pending)
-        return result
-
-    def strided(self, array) -> DeviceArray:
-        """`array` on the device as a view with Fortran-order strides (not C-contiguous)."""
-        host = np.asfortranarray(array)
-        flat = self.asarray(host.ravel(order="K"))
-        return DeviceArray(self, host.shape, host.dtype, flat.address, strides=host.strides, stream=self.stream)
-
-
-class NoCopy(DeviceArray):
-    """A device array whose library has no copy(order="C")."""
-
-    copy = None
 
 
 # ONNX Runtime on the fake device

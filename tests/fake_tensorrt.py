@@ -3,6 +3,19 @@ the fake device and cuda-python runtime of fake_cuda.py. A fake engine runs its 
 ONNX Runtime (CPU) on what it finds at its tensors' addresses, so a wrong address, size, shape or
 a missing synchronisation gives wrong numbers.
 
+It refuses what TensorRT refuses or leaves undefined, where this project's code could get it wrong:
+- a context made with USER_MANAGED memory runs only once `set_device_memory` gave it a block of the
+  engine's `device_memory_size_v2`;
+- the first call at a context's shapes finishes its setup on the stream: a capture that begins
+  before that work has run records a call that fails (so capture only after synchronizing, as
+  trtexec does);
+- a graph captured on a context records its shapes' generation: replaying it after the context's
+  input shapes changed (TensorRT's guide: undefined behaviour) raises;
+- a plan runs only on the TensorRT version that built it, but a version-compatible one that carries
+  its lean runtime (built without EXCLUDE_LEAN_RUNTIME);
+- the builder refuses (False) a timing cache from "another GPU" (a blob starting with b"other-gpu"),
+  and then has no timing cache to give back.
+
 Every public name of the fake modules is a real TensorRT or cuda-python name: tests check the
 fake TensorRT's names against the TensorRT 10.x and 11.x bindings, and the fake runtime's against
 the list the backend declares (`CUDART_NAMES`)."""
@@ -31,6 +44,9 @@ def make_tensorrt(
     trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"VERSION_COMPATIBLE": 9, "EXCLUDE_LEAN_RUNTIME": 10})
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
+    trt.ExecutionContextAllocationStrategy = enum.IntEnum(
+        "ExecutionContextAllocationStrategy", {"STATIC": 0, "ON_PROFILE_CHANGE": 1, "USER_MANAGED": 2}
+    )
     trt.NetworkDefinitionCreationFlag = enum.IntEnum(
         "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1} if strongly_typed_flag else {}
     )
@@ -74,7 +90,8 @@ def make_tensorrt(
             compatible = "VERSION_COMPATIBLE" in plan["flags"]
             if (compatible and not self.engine_host_code_allowed) or (lean and not compatible):
                 return None
-            if not compatible and plan["version"] != version:
+            excluded = "EXCLUDE_LEAN_RUNTIME" in plan["flags"]  # then only this version's runtime runs it
+            if plan["version"] != version and (not compatible or excluded):
                 return None
             return ICudaEngine(plan)
 
@@ -100,19 +117,35 @@ def make_tensorrt(
         def get_tensor_dtype(self, name):
             return self._io[name][1]
 
-        def create_execution_context(self):
+        @property
+        def device_memory_size_v2(self):
+            return 4096  # the activation block a context needs, for the profile's largest shapes
+
+        def create_execution_context(self, strategy=trt.ExecutionContextAllocationStrategy.STATIC):
             device.calls["create_execution_context"] += 1
-            return None if "create_execution_context" in device.fail else IExecutionContext(self)
+            return None if "create_execution_context" in device.fail else IExecutionContext(self, strategy)
 
     class IExecutionContext:
-        def __init__(self, engine):
+        def __init__(self, engine, strategy):
             self._engine, self._shapes, self._addresses = engine, {}, {}
+            self._user_managed = strategy == trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            self._memory = None  # (address, size) from set_device_memory
+            self._generation, self._ready = 0, None  # shapes changed so often; the generation set up
+
+        def set_device_memory(self, memory, size):
+            if not self._user_managed or size < self._engine.device_memory_size_v2:
+                raise RuntimeError("fake TensorRT: set_device_memory needs USER_MANAGED and enough bytes")
+            device.view(int(memory), int(size))  # inside an allocation
+            self._memory = (int(memory), int(size))
 
         def set_input_shape(self, name, shape):
             low, _, high = self._engine._plan["profile"][name]
             if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
                 return False
-            self._shapes[name] = tuple(int(s) for s in shape)
+            shape = tuple(int(s) for s in shape)
+            if self._shapes.get(name) != shape:
+                self._shapes[name] = shape
+                self._generation += 1
             return True
 
         def get_tensor_shape(self, name):
@@ -140,11 +173,26 @@ def make_tensorrt(
             inputs = {n for n in io if io[n][0] == trt.TensorIOMode.INPUT}
             if set(self._addresses) != set(io) or set(self._shapes) != inputs:
                 return False
+            if self._user_managed and self._memory is None:
+                return False
+            generation, capturing = self._generation, stream.capture is not None
+            if capturing and self._ready != generation:  # the first call's setup has not run yet
+                stream.invalidated = True
+                return False
+            if self._ready != generation:
+                stream.enqueue(lambda: setattr(self, "_ready", generation))
             shapes, addresses = {name: self.get_tensor_shape(name) for name in io}, dict(self._addresses)
-            stream.enqueue(lambda: self._compute(addresses, shapes))
+            stream.enqueue(lambda: self._compute(addresses, shapes, generation if capturing else None))
             return True
 
-        def _compute(self, addresses, shapes):
+        def _compute(self, addresses, shapes, captured=None):
+            if captured is not None and captured != self._generation:
+                raise RuntimeError(
+                    "fake TensorRT: a CUDA graph replayed after set_input_shape changed its context "
+                    "(undefined behaviour in TensorRT)"
+                )
+            if self._memory is not None:
+                device.view(*self._memory)  # the activation block is still allocated
             io, feeds = self._engine._io, {}
             for name, (mode, dtype, _) in io.items():
                 if mode == trt.TensorIOMode.INPUT:
@@ -217,6 +265,8 @@ def _add_builder(trt, device: Device, version: str) -> None:
             return ITimingCache(blob)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if cache._blob.startswith(b"other-gpu"):
+                return False
             self._cache = cache
             return True
 

@@ -15,13 +15,16 @@ import onnxruntime as ort
 import pytest
 
 from imagen.export import tensorrt as export_trt
-from imagen.runtime import backends, device_arrays
+from imagen.runtime import backends
 from imagen.runtime.arrays import NUMPY
+from imagen.runtime.backends import TensorRTBackend
+from imagen.runtime.backends import device as device_arrays
+from imagen.runtime.backends import onnxruntime as onnxruntime_backend
 from imagen.runtime.bundle import load_bundle
 from imagen.runtime.errors import BackendError, SignatureError
-from imagen.runtime.tensorrt_backend import TensorRTBackend
 
-from fake_cuda import CudaSession, Device, DeviceArray, DeviceNamespace, NoCopy, make_cudart
+from fake_cuda import CudaSession, Device, make_cudart
+from fake_cupy import DeviceArray, DeviceNamespace, NoCopy
 from fake_tensorrt import install, make_tensorrt
 from threads import failures_in_threads
 
@@ -165,7 +168,8 @@ def test_the_cpu_default_is_session_run_with_the_cpu_provider(recorded):
 
 
 TRT_EP = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-ENCODER_RANGE, RANGE = (("min", 1), ("opt", 1), ("max", 4)), (("min", 1), ("opt", 2), ("max", 8))  # batches
+# Batches: 1 to the largest, tuned for the largest (what a busy server runs).
+ENCODER_RANGE, RANGE = (("min", 1), ("opt", 4), ("max", 4)), (("min", 1), ("opt", 8), ("max", 8))
 
 
 def test_the_tensorrt_provider_gets_the_bundles_engine_cache_and_the_signature_profiles(recorded):
@@ -185,7 +189,7 @@ def test_the_tensorrt_provider_gets_the_bundles_engine_cache_and_the_signature_p
         profile = {f"trt_profile_{k}_shapes": unet(b, size, name == "unet_1") for k, b in RANGE}
         assert options[name] == ("TensorrtExecutionProvider", {**common, **profile}), name
     assert all(r.providers[1:] == TRT_EP[1:] for r in Recorder.made)
-    assert not any("fp16" in key for _, o in options.values() for key in o)  # the ONNX carries the precision
+    assert not any("fp16" in key for _, o in options.values() for key in o)  # an FP32 bundle
     assert cache.is_dir() and opened["unet_1"].io_binding  # on a GPU provider: IO binding, NumPy without CuPy
     assert opened["unet_1"].array_namespace is NUMPY
     (cache / "TensorrtExecutionProvider_TRTKernel_graph_main_1_0_sm90.engine").write_bytes(b"an engine")
@@ -245,7 +249,7 @@ def cuda_session(real, monkeypatch):
 
     monkeypatch.setattr(ort, "InferenceSession", session)
     monkeypatch.setattr(ort, "get_available_providers", lambda: TRT_EP)
-    monkeypatch.setattr(device_arrays, "cupy_synchronize", synchronize)
+    monkeypatch.setattr(onnxruntime_backend, "cupy_synchronize", synchronize)
     for name in ("cupy", "array_api_compat.cupy"):  # the fake device cannot hold CuPy's arrays
         monkeypatch.setitem(sys.modules, name, None)
 
@@ -286,7 +290,7 @@ def test_streams_that_device_arrays_name_are_waited_for_first(cuda_session):
     """ONNX Runtime's own streams are non-blocking: the host waits for every stream an array names,
     the legacy default stream (1) included, before the run."""
     signature, backend, sessions, device, cudart, waited = cuda_session
-    _, producer = cudart.cudaStreamCreate()
+    _, producer = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
     on_gpu = backend(array_namespace=DeviceNamespace(device, stream=1))
     feeds = _feeds(signature, 2)
     inputs = {name: on_gpu.array_namespace.asarray(value, pending=producer) for name, value in feeds.items()}
@@ -364,16 +368,16 @@ def test_device_arrays_go_device_to_device_into_fixed_buffers_and_out_as_new_arr
         kept.append((out, want))
         state = backend._states[0]
         addresses = addresses or dict(state.buffers)
-        assert state.buffers == addresses and state.context._addresses == addresses  # fixed, reused
+        assert state.buffers == addresses and state.contexts[batch].context._addresses == addresses  # fixed
     tensors = len(signature.inputs) + len(signature.outputs)
     assert device.copies == {"cudaMemcpyDeviceToDevice": 6 * tensors}  # no host copy either way
-    assert device.calls["cudaMalloc"] == tensors
-    assert (device.calls["execute_async_v3"], device.calls["cudaGraphLaunch"]) == (5, 3)  # graphs as with NumPy
+    assert device.calls["cudaMalloc"] == tensors + 1  # and the activation block
+    assert (device.calls["execute_async_v3"], device.calls["cudaGraphLaunch"]) == (4, 4)  # graphs as with NumPy
     outputs = {out.address for out, _ in kept}
     assert len(outputs) == 6 and not outputs & set(addresses.values())  # new arrays, not the buffers
     assert all(np.array_equal(out.get(), want) for out, want in kept)  # later calls left earlier outputs alone
     backend.close()
-    assert (device.memory, device.streams) == ({}, {})
+    assert (device.memory, set(device.streams)) == ({}, {1, 2})
 
 
 def test_host_and_device_arrays_mix(fakes, engine):
@@ -394,22 +398,25 @@ def test_host_and_device_arrays_mix(fakes, engine):
         assert device.copies == {"cudaMemcpyHostToDevice": inputs, "cudaMemcpyDeviceToDevice": 1}
 
 
-def test_named_streams_are_waited_for_but_the_legacy_default_stream(fakes, engine):
-    """The backend's streams are blocking: ordered after the legacy default stream's work without a
-    wait. Any other stream an array names is synchronized before the copies from or into it."""
+def test_named_streams_are_ordered_with_events_not_host_waits(fakes, engine):
+    """The backend's streams are non-blocking: work on any stream an array names (the legacy default
+    stream, the per-thread one, a stream of its own) is ordered before the copies by an event recorded
+    there and waited for on the backend's stream; the host waits only for the backend's own stream."""
     device, cudart = fakes
     signature, plan, session = engine
     feeds = _feeds(signature, 2)
     want = session.run(None, feeds)[0]
-    _, producer = cudart.cudaStreamCreate()
-    for stream in (1, 2):
+    _, producer = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
+    for stream, pending in ((1, device.legacy), (2, producer), (int(producer), producer)):
         xp = DeviceNamespace(device, stream=stream)
         with TensorRTBackend(plan, signature, array_namespace=xp) as backend:
             device.synchronized.clear()
-            inputs = {name: xp.asarray(value, pending=producer) for name, value in feeds.items()}
-            assert np.array_equal(backend.run(inputs)["noise_pred"].get(), want)
+            device.calls.clear()
+            inputs = {name: xp.asarray(value, pending=pending) for name, value in feeds.items()}  # not yet written
+            assert np.array_equal(backend.run(inputs)["noise_pred"].get(), want), stream
             own = int(backend._states[0].stream)
-            assert device.synchronized == ([int(producer), own] if stream == 1 else [int(producer), stream, own])
+            assert device.synchronized == [own, own]  # the warm-up before the capture, and the end of the call
+            assert device.calls["cudaEventRecord"] == device.calls["cudaStreamWaitEvent"] == 2  # inputs, outputs
 
 
 def test_device_array_failures_are_typed(fakes, engine):
@@ -426,9 +433,9 @@ def test_device_array_failures_are_typed(fakes, engine):
             backend.run({**inputs, "x": no_copy})
         with pytest.raises(SignatureError, match=r"input text_mask must be bool, got int64"):
             backend.run({**inputs, "text_mask": xp.asarray(feeds["text_mask"].astype(np.int64))})
-        _, producer = cudart.cudaStreamCreate()
+        _, producer = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
         cudart.cudaStreamDestroy(producer)
-        with pytest.raises(BackendError, match=r"unet_1: cudaStreamSynchronize failed with CUDA error 1"):
+        with pytest.raises(BackendError, match=r"unet_1: cudaEventRecord failed with CUDA error 1"):
             backend.run({**inputs, "x": xp.asarray(feeds["x"], pending=producer)})
         device.fail.add("empty")
         with pytest.raises(BackendError, match=r"unet_1: cannot allocate a float32 array of shape \[2, 3, 32, 32\]"):

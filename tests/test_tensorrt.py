@@ -1,7 +1,8 @@
 """TensorRT without a GPU, the build and the backend against the fakes in fake_tensorrt.py: the
 engine build (strongly typed, checked against ONNX Runtime, recorded in the manifest) and the
-backend (fixed buffers, CUDA graphs, one context per thread, typed errors; more on device arrays
-in test_backends_device.py). What runs only on a GPU is in docs/gpu.md."""
+backend (fixed buffers, CUDA graphs, one stream per thread and one context per thread and batch,
+typed errors; more on device arrays in test_backends_device.py, the GPU path's defects in
+test_tensorrt_defects.py). What runs only on a GPU is in docs/gpu.md."""
 
 import json
 import shutil
@@ -15,16 +16,18 @@ import pytest
 
 from imagen.export import tensorrt as export_trt
 from imagen.export.bundle import TOLERANCE
-from imagen.runtime import tensorrt_backend as backend_module
+from imagen.runtime import backends as backend_module
 from imagen.runtime.bundle import load_bundle
 from imagen.runtime.contract import Manifest, TensorRTEntry
 from imagen.runtime.errors import BackendError, BundleError, SignatureError
 
-from fake_cuda import Device, DeviceNamespace, make_cudart
+from fake_cuda import LEGACY, PER_THREAD, Device, make_cudart
+from fake_cupy import DeviceNamespace
 from fake_tensorrt import install, make_tensorrt
 from threads import failures_in_threads
 
 ROOT = Path(__file__).parent.parent
+DEFAULT_STREAMS = {LEGACY, PER_THREAD}  # the fake device's streams that nobody creates or destroys
 
 
 # The engine build, on the fakes
@@ -146,19 +149,20 @@ def _run_and_compare(backend, signature, session, batch: int, seed: int = 0) -> 
     assert np.array_equal(backend.run(feeds)["noise_pred"], session.run(None, feeds)[0])
 
 
-def test_fixed_buffers_and_one_graph_per_batch(device, unet):
+def test_fixed_buffers_one_context_and_graph_per_batch(device, unet):
     signature, plan, session = unet
     backend = backend_module.TensorRTBackend(plan, signature)
     for batch in (2, 2, 2, 4, 2, 2):
         _run_and_compare(backend, signature, session, batch)
     tensors = len(signature.inputs) + len(signature.outputs)
-    # One allocation per tensor, at batch_max: later batches copy into the same addresses.
-    assert device.calls["cudaMalloc"] == tensors and device.calls["create_execution_context"] == 1
+    # One allocation per tensor, at batch_max (later batches copy into the same addresses), and one
+    # activation block that the thread's two contexts (batches 2 and 4) share.
+    assert device.calls["cudaMalloc"] == tensors + 1 and device.calls["create_execution_context"] == 2
     assert device.capture_modes == [1, 1]  # batches 2 and 4, thread-local capture
-    # 2: warm-up + capture, launch, launch; 4: warm-up + capture; 2: one plain call after the batch change, launch
-    assert (device.calls["execute_async_v3"], device.calls["cudaGraphLaunch"]) == (5, 3)
+    # 2: warm-up + capture, launch, launch; 4: warm-up + capture; 2: launch, launch (its own context)
+    assert (device.calls["execute_async_v3"], device.calls["cudaGraphLaunch"]) == (4, 4)
     backend.close()
-    assert (device.memory, device.streams, device.graphs) == ({}, {}, set())
+    assert (device.memory, set(device.streams), device.graphs, device.events) == ({}, DEFAULT_STREAMS, set(), {})
 
 
 def test_cuda_graphs_can_be_turned_off(device, unet):
@@ -182,21 +186,24 @@ def test_a_failed_capture_falls_back_to_plain_calls(device, unet, failure):
     assert device.calls["cudaGraphLaunch"] == 0
     assert device.calls["cudaStreamBeginCapture"] == 2  # one try per batch size, then plain calls
     assert device.calls["cudaGetLastError"] == 2 and device.memory == {}
+    captured = 0 if failure == "cudaStreamBeginCapture" else 2  # the calls tried inside a capture
+    assert (device.calls["execute_async_v3"], device.calls["create_execution_context"]) == (4 + captured, 2)
 
 
-def test_one_context_and_stream_per_thread(device, unet):
+def test_one_stream_per_thread_and_one_context_per_thread_and_batch(device, unet):
     signature, plan, session = unet
     backend = backend_module.TensorRTBackend(plan, signature)
 
-    def work(seed):  # four live threads at once: four contexts
+    def work(seed):  # four live threads at once, two batch sizes each: eight contexts, four streams
         for batch in (1, 2, 1):
             _run_and_compare(backend, signature, session, batch, seed)
 
     assert failures_in_threads(work) == []
-    assert device.calls["create_execution_context"] == 4 and device.calls["cudaStreamCreate"] == 4
+    assert device.calls["create_execution_context"] == 8 and device.calls["cudaStreamCreateWithFlags"] == 4
+    assert device.calls["cudaMalloc"] == 4 * (len(signature.inputs) + len(signature.outputs) + 1)
     backend.close()
     backend.close()  # twice is fine
-    assert (device.memory, device.streams, device.graphs) == ({}, {}, set())
+    assert (device.memory, set(device.streams), device.graphs, device.events) == ({}, DEFAULT_STREAMS, set(), {})
     with pytest.raises(BackendError, match="unet_1: this TensorRT backend was closed"):
         _run_and_compare(backend, signature, session, 1)
 
@@ -215,7 +222,7 @@ def test_device_arrays_from_several_threads(device, unet):
         return None
 
     assert failures_in_threads(work) == []
-    assert device.calls["create_execution_context"] == 4 and device.calls["cudaStreamCreate"] == 4
+    assert device.calls["create_execution_context"] == 8 and device.calls["cudaStreamCreateWithFlags"] == 4
     assert set(device.copies) == {"cudaMemcpyDeviceToDevice"}
     backend.close()
     assert device.memory == {}
@@ -226,7 +233,7 @@ def test_the_fake_refuses_a_copy_whose_kind_does_not_match_its_pointers(device):
     pointer in a host-to-device copy (or the reverse) fails in the fake, as it would corrupt memory
     on a GPU."""
     cudart = sys.modules["cuda.bindings.runtime"]
-    kinds, stream = cudart.cudaMemcpyKind, cudart.cudaStreamCreate()[1]
+    kinds, stream = cudart.cudaMemcpyKind, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)[1]
     on_device, host = device.allocate(64), np.zeros(16, np.float32)
     invalid = (
         cudart.cudaMemcpyAsync(on_device, on_device, 64, kinds.cudaMemcpyHostToDevice, stream)[0],
@@ -252,6 +259,10 @@ def test_backend_errors_are_typed(device, unet, tmp_path):
     device.fail = {"create_execution_context"}
     with pytest.raises(BackendError, match="cannot create an execution context"):
         backend_module.TensorRTBackend(plan, signature).run(feeds)
+    device.fail = {"cudaStreamCreateWithFlags"}
+    with pytest.raises(BackendError, match=r"unet_1: cudaStreamCreateWithFlags failed with CUDA error 2"):
+        backend_module.TensorRTBackend(plan, signature).run(feeds)
+    device.fail = set()
     (tmp_path / "bad.plan").write_bytes(b"not a plan")
     with pytest.raises(BundleError, match=r"cannot deserialize .*bad\.plan \(stage unet_1\)"):
         backend_module.TensorRTBackend(tmp_path / "bad.plan", signature)
@@ -287,20 +298,6 @@ def test_cupy_arrays_through_a_real_engine(bundle_fp16, tmp_path):
             assert error <= TOLERANCE["fp16"]
 
 
-def test_engines_from_another_version_and_lean_rules(device):
-    entry = TensorRTEntry("tensorrt/sm90-10.3.0", "9.0", "10.3.0", {"unet_0": None}, version_compatible=True)
-    for version in ("10.3.0", "10.13.3.9"):
-        backend_module.check_engines_match(entry, "9.0", version, lean=True)
-    for capability, version in (("9.0", "10.1.0"), ("9.0", "11.4.0.106"), ("8.9", "10.3.0")):
-        with pytest.raises(BundleError, match="version-compatible engines were built for compute capability 9.0"):
-            backend_module.check_engines_match(entry, capability, version)
-    fixed = TensorRTEntry("tensorrt/sm90-10.3.0", "9.0", "10.3.0", {"unet_0": None})
-    with pytest.raises(BundleError, match=r"TensorRT 10\.3\.0; this machine has .* TensorRT 10\.3\.1"):
-        backend_module.check_engines_match(fixed, "9.0", "10.3.1")
-    with pytest.raises(BundleError, match="lean TensorRT runtime .* runs only version-compatible engines"):
-        backend_module.check_engines_match(fixed, "9.0", "10.3.0", lean=True)
-
-
 def test_without_a_gpu_the_error_says_so_in_one_line(monkeypatch):
     """The driver is probed before any TensorRT object exists (the fake Runtime refuses without one)."""
     from click.testing import CliRunner
@@ -313,12 +310,15 @@ def test_without_a_gpu_the_error_says_so_in_one_line(monkeypatch):
     assert done.exit_code == 2, done.output
     assert (
         done.output.count("\n") == 1
-        and "TensorRT 11.4.0.106 is installed but there is no NVIDIA GPU / CUDA "
-        "driver visible (CUDA error 35 (cudaErrorInsufficientDriver)); use --backend onnxruntime"
+        and "TensorRT 11.4.0.106 is installed but there is no NVIDIA GPU / CUDA driver visible (CUDA error 35 "
+        "(cudaErrorInsufficientDriver); no NVIDIA driver is installed); use --backend onnxruntime"
         in done.output
     )
     install(monkeypatch, make_tensorrt(device), None)
-    with pytest.raises(BackendError, match=r"needs cuda-python \(pip install 'imagen-cascade\[tensorrt\]'"):
+    with pytest.raises(
+        BackendError,
+        match=r"needs cuda-python \(pip install 'imagen-cascade\[tensorrt-cu13\]' \(a CUDA 13 driver\) or ",
+    ):
         backend_module.tensorrt_environment()
     install(monkeypatch, None, make_cudart(device))
     with pytest.raises(BackendError, match="the tensorrt package is not installed"):
@@ -360,7 +360,7 @@ def test_version_compatible_option_implies_tensorrt(monkeypatch, tmp_path):
     from imagen.export import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "export_bundle", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(cli, "export_bundle", lambda ckpt, out, options, **kwargs: seen.update(options=options))
     done = CliRunner().invoke(cli.main, ["--ckpt", str(tmp_path), "--version-compatible"])
     assert done.exit_code == 0, done.output
-    assert seen["tensorrt"] is True and seen["tensorrt_version_compatible"] is True
+    assert seen["options"].builds_engines is True and seen["options"].tensorrt_version_compatible is True

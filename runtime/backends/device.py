@@ -4,7 +4,9 @@ A backend whose `array_namespace` is a device namespace (CuPy's, from array_api_
 returns device arrays, so the sampling loop's arrays stay on the GPU between stage calls. Device
 arrays are recognised by the CUDA Array Interface (`__cuda_array_interface__`, version 3, in
 Numba's documentation: "CUDA Array Interface"), which gives their pointer, shape, type, strides
-and the stream that may still be writing them. CuPy is imported only when it is used.
+and the stream that may still be writing them (1: the legacy default stream, 2: the per-thread
+default stream, another number: a cudaStream_t; none: nothing to wait for). CuPy is imported only
+when it is used.
 """
 
 from dataclasses import dataclass
@@ -12,11 +14,7 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
-from .errors import BackendError, SignatureError
-
-# The interface's stream handles: 1 is the legacy default stream, 2 the per-thread default stream,
-# any other number a cudaStream_t; None (or no "stream" key) means there is nothing to wait for.
-LEGACY_STREAM = 1
+from ..errors import BackendError, SignatureError
 
 
 @dataclass(frozen=True)
@@ -114,10 +112,15 @@ def empty(xp, shape: tuple[int, ...], dtype: str, where: str):
         raise BackendError(f"{where}: cannot allocate a {dtype} array of shape {list(shape)}: {error}") from error
 
 
-def wait_for_streams(buffers, synchronize, where: str, skip: tuple[int, ...] = ()) -> None:
-    """Blocks until every stream that `buffers` name (except those in `skip`) has done its work,
-    with `synchronize(handle)`; BackendError naming the stream if that fails."""
-    for stream in dict.fromkeys(b.stream for b in buffers if b.stream is not None and b.stream not in skip):
+def named_streams(buffers) -> list[int]:
+    """The streams that `buffers` name, each once, in order."""
+    return list(dict.fromkeys(b.stream for b in buffers if b.stream is not None))
+
+
+def wait_for_streams(buffers, synchronize, where: str) -> None:
+    """Blocks until every stream that `buffers` name has done its work, with `synchronize(handle)`;
+    BackendError naming the stream if that fails."""
+    for stream in named_streams(buffers):
         try:
             synchronize(stream)
         except BackendError:
