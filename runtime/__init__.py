@@ -1,11 +1,14 @@
 """Lean NumPy runtime over exported bundles: no torch, no transformers, no onnx.
 
 from imagen.runtime import Pipeline
-result = Pipeline.load("bundle/")("a red circle on a blue square", steps=20, seed=0)
+with Pipeline.load("bundle/") as pipe:
+    result = pipe("a red circle on a blue square", steps=20, seed=0)
 result.images[0].save("out.png")
 
 The seams a host service builds on: `load_bundle` (verify a bundle), `open_backends` (one
-inference backend per stage), `Pipeline.settings` (a request's checked `Settings`) and
+inference backend per stage), `Pipeline.settings` (a request's checked `Settings`),
+`Pipeline.generate` (a batch of `Request`s, each with its own prompts, count and seed, as one
+engine batch), `encode_png` (an image's PNG bytes with the settings that reproduce it) and
 `GuidedDenoiser` (one Unet call, guidance, x0 prediction, dynamic thresholding).
 """
 
@@ -23,12 +26,15 @@ from .errors import (
     SignatureError,
 )
 from .guidance import GuidedDenoiser
-from .pipeline import Pipeline, Result
+from .pipeline import Pipeline, Request, Result
+from .png import encode_png
 from .samplers import SAMPLERS
 
 __all__ = [
     "Pipeline",
+    "Request",
     "Result",
+    "encode_png",
     "Settings",
     "Bundle",
     "load_bundle",

@@ -16,6 +16,7 @@ from imagen._io import atomic_save
 
 from .backends import BACKENDS, PROVIDER_SETS
 from .contract import SAMPLER_NAMES
+from .png import encode_png
 
 PREFIX = ""  # imagen-run's lines are `error: ...`
 
@@ -37,21 +38,12 @@ def output_paths(count: int, prompts: list[str], per_prompt: int, out: str | Non
 
 
 def write_png(image, path: Path, info: dict, force: bool) -> None:
-    """Writes the PNG with its settings as text chunks, atomically (never a half-written PNG)."""
-    from PIL.PngImagePlugin import PngInfo
-
+    """Writes the PNG with its settings as text chunks (`encode_png`, as imagen-serve answers it),
+    atomically (never a half-written PNG); an existing file only with `force`."""
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = PngInfo()
-    metadata.add_text("prompt", info["prompt"])
-    metadata.add_text("seed", str(info["seed"]))
-    metadata.add_text("sampler", info["sampler"])
-    metadata.add_text("steps", json.dumps(info["steps"]))
-    metadata.add_text("sr_strength", repr(info["sr_strength"]))
-    metadata.add_text("guidance", repr(info["guidance_scale"]))
-    metadata.add_text("bundle_sha", info["bundle_sha"])
-    atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=metadata))
+    png = encode_png(image, info)
+    atomic_save(path, lambda tmp: tmp.write_bytes(png))
 
 
 class _Progress:
@@ -147,27 +139,27 @@ def _run(
         for path in paths:
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    pipe = Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads)
-    progress = None
-    if not quiet and sys.stderr.isatty():
-        calls = pipe.model_calls(pipe.settings(steps=steps, sr_strength=sr_strength))
-        progress = _Progress(calls, [unet.name for unet in pipe.bundle.unets])
-    try:
-        result = pipe(
-            prompts,
-            steps=steps,
-            sampler=sampler,
-            guidance_scale=guidance,
-            seed=seed,
-            num_images_per_prompt=num_images,
-            eta=eta,
-            sr_strength=sr_strength,
-            callback=progress,
-        )
-    finally:
-        if progress is not None:
-            progress.close()
-    for image, info, path in zip(result.images, result.info, paths, strict=False):
+    with Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads) as pipe:
+        progress = None
+        if not quiet and sys.stderr.isatty():
+            calls = pipe.model_calls(pipe.settings(steps=steps, sr_strength=sr_strength))
+            progress = _Progress(calls, [unet.name for unet in pipe.bundle.unets])
+        try:
+            result = pipe(
+                prompts,
+                steps=steps,
+                sampler=sampler,
+                guidance_scale=guidance,
+                seed=seed,
+                num_images_per_prompt=num_images,
+                eta=eta,
+                sr_strength=sr_strength,
+                callback=progress,
+            )
+        finally:
+            if progress is not None:
+                progress.close()
+    for image, info, path in zip(result.array, result.info, paths, strict=False):
         write_png(image, path, info, force)
         info["file"] = str(path)
         if not quiet and not as_json:

@@ -1,13 +1,23 @@
 """The text-to-image pipeline over a bundle (docs/bundle.md, Sampling).
 
-    from imagen.runtime import Pipeline
-    pipe = Pipeline.load("bundle/")
-    result = pipe("a red circle", steps=20, seed=0)
-    result.images[0].save("out.png")
+    from imagen.runtime import Pipeline, Request
+    with Pipeline.load("bundle/") as pipe:
+        result = pipe("a red circle", steps=20, seed=0)
+        result.images[0].save("out.png")
+        red, blue = pipe.generate([Request("a red circle", n=2, seed=1), Request("a blue square", seed=2)],
+                                  pipe.settings(steps=20))
 
-Quiet: the library prints nothing; pass `callback(stage_index, step_index, t, x)` to
-follow progress (the CLI draws progress bars with it). A pipeline keeps no state between
-requests, so one pipeline serves several threads and a failed request leaves it usable.
+`generate` is the one request flow: requests that share one `Settings`, each with its own prompts,
+image count and seed, run as one engine batch. `__call__` is a batch of one request; imagen-run
+calls it, imagen-serve and the Ray app gather concurrent requests into one `generate`. A request's
+noise is its own: its generator draws its rows of every draw of the cascade (each draw has the
+batch as its first axis, docs/bundle.md), so its images are the ones it makes alone, up to the
+engines' batch-dependent rounding.
+
+Quiet: the library prints nothing; pass `callback(stage_index, step_index, t, x)` to follow
+progress (the CLI draws progress bars with it). A pipeline keeps no state between requests, so one
+pipeline serves several threads and a failed request leaves it usable. `close()` (or the `with`
+block) releases the engines; a closed pipeline refuses requests with a BackendError.
 
 The loop runs in the array namespace of the Unet backends (`array_namespace`, runtime/arrays.py):
 NumPy with ONNX Runtime on the CPU, CuPy with backends that keep their arrays on a GPU. Tokens
@@ -15,19 +25,20 @@ and noise (drawn on the host, so a seed makes the same image on every backend) g
 only the final images come back.
 """
 
+import functools
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .arrays import backend_device, backend_namespace, device, namespace, to_namespace, to_numpy
-from .backends import check_backend_options, open_backends
+from .backends import check_backend_options, close_backends, open_backends
 from .bundle import Bundle, load_bundle
 from .contract import LOWRES, MANIFEST, TEXT_ENCODER
-from .contract.settings import MAX_SEED, Settings, is_int
+from .contract.settings import MAX_SEED, Settings, check_seed, is_int
 from .errors import BackendError, BundleError, NonFiniteError, ParameterError
 from .guidance import GuidedDenoiser
 from .images import resize_image, to_uint8
@@ -37,25 +48,75 @@ from .tokenizer import Tokenizer
 DEMO_BUNDLE = Path(__file__).parent / "demo"
 
 
-@dataclass
-class Result:
-    """Images of one request: `images` (PIL), `array` (uint8 (N, s, s, 3)) and `info` (one dict per image)."""
+@dataclass(frozen=True)
+class Request:
+    """One request of a batch: `prompts` (a str or a list), `n` images of each prompt, and its own
+    noise: a `seed` (None: one is drawn, and reported in the info) or a NumPy `generator`."""
 
-    _array: np.ndarray
-    info: list[dict]
-    images: list = field(init=False)
-
-    def __post_init__(self):
-        from PIL import Image
-
-        self.images = [Image.fromarray(np.ascontiguousarray(image)) for image in self._array]
+    prompts: str | Sequence[str]
+    n: int = 1
+    seed: int | None = None
+    generator: np.random.Generator | None = None
 
     @property
-    def array(self) -> np.ndarray:
-        return self._array
+    def prompt_list(self) -> list[str]:
+        return [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+
+    @property
+    def images(self) -> int:
+        """Its rows of the batch: every prompt n times, prompt by prompt."""
+        return len(self.prompt_list) * self.n
+
+
+@dataclass
+class Result:
+    """Images of one request: `array` (uint8 (N, s, s, 3)), `images` (PIL, made on first use) and
+    `info` (one dict per image, `image_info`)."""
+
+    array: np.ndarray
+    info: list[dict]
+
+    @functools.cached_property
+    def images(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(np.ascontiguousarray(image)) for image in self.array]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return int(self.array.shape[0])
+
+
+def batch_noise(generators: Sequence[np.random.Generator], rows: Sequence[int]) -> Callable:
+    """`noise(shape)` for a batch: generator i draws its rows[i] rows of every draw, stacked in order
+    (one generator draws the whole batch, as a request alone does)."""
+    total = sum(rows)
+
+    def noise(shape):
+        if shape[0] != total:
+            raise RuntimeError(f"a draw of shape {tuple(shape)} does not have the batch ({total}) first")
+        if len(generators) == 1:
+            return generators[0].standard_normal(tuple(shape), dtype=np.float32)
+        draws = [g.standard_normal((count, *shape[1:]), dtype=np.float32) for g, count in zip(generators, rows)]
+        return np.concatenate(draws, axis=0)
+
+    return noise
+
+
+def image_info(pipe, prompt: str, index: int, seed, settings: Settings, truncated: bool, batch: dict, timings: dict):
+    """What one image's info says (`Result.info`, imagen-serve's `data[i].imagen`, the PNG text chunks
+    take theirs from it): its request's prompt and seed, the settings, the bundle, the batch it ran in
+    (images and requests) and the batch's timings (seconds; `engine_calls` counts backend calls)."""
+    return {
+        "index": index,
+        "prompt": prompt,
+        "seed": seed,
+        **settings.to_info(),
+        "truncated": truncated,
+        "bundle_sha": pipe.bundle.short_sha,
+        "backend": pipe.backend_name,
+        "batch": dict(batch),
+        "timings": dict(timings),
+    }
 
 
 class Pipeline:
@@ -71,6 +132,7 @@ class Pipeline:
             raise BackendError("the Unet backends keep their arrays in different namespaces; open them alike")
         self.xp = namespaces.pop()
         self.device = backend_device(backends[bundle.unets[0].name])
+        self.closed = False
 
     @classmethod
     def load(cls, path=None, backend: str = "auto", providers=None, threads: int | None = None) -> "Pipeline":
@@ -85,6 +147,23 @@ class Pipeline:
         tokenizer = Tokenizer.from_bundle(bundle)
         backends, chosen = open_backends(bundle, backend, providers, threads)
         return cls(bundle, backends, tokenizer, chosen)
+
+    def close(self) -> None:
+        """Releases the engines (a backend's own `close`, where it has one, frees its device memory;
+        ONNX Runtime sessions go with the last reference). Call it when no request runs; later
+        requests raise BackendError. Closing twice does nothing."""
+        backends, self.backends, self.closed = self.backends, {}, True
+        close_backends(backends)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BackendError("this pipeline was closed (Pipeline.close); load the bundle again with Pipeline.load")
 
     def settings(
         self, *, steps=None, sampler=None, guidance_scale=None, eta=0.0, sr_strength=None, seed=None
@@ -111,7 +190,7 @@ class Pipeline:
         """Unet calls per stage for these settings (what a progress bar counts to)."""
         return [len(timesteps) for timesteps in self.timesteps(settings)]
 
-    def _prompts(self, prompts, num_images: int) -> list[str]:
+    def _prompts(self, prompts, num_images: int, count_name: str = "num_images_per_prompt") -> list[str]:
         if isinstance(prompts, str):
             prompts = [prompts]
         elif isinstance(prompts, (list, tuple)):
@@ -119,18 +198,45 @@ class Pipeline:
         else:
             raise ParameterError("prompts", "a str or a list of str", type(prompts).__name__)
         if not is_int(num_images) or not 1 <= num_images <= self.max_batch:
-            raise ParameterError("num_images_per_prompt", f"an integer in [1, {self.max_batch}]", num_images)
+            raise ParameterError(count_name, f"an integer in [1, {self.max_batch}]", num_images)
         total = len(prompts) * num_images
         if not 1 <= total <= self.max_batch:
             raise ParameterError(
                 "prompts",
-                f"1 to {self.max_batch} images per request (the bundle's max batch; prompts x num_images_per_prompt)",
+                f"1 to {self.max_batch} images per request (the bundle's max batch; prompts x {count_name})",
                 f"{len(prompts)} x {num_images} = {total}",
             )
         return prompts
 
+    def _check_requests(self, requests) -> None:
+        if not isinstance(requests, (list, tuple)) or not requests:
+            raise ParameterError("requests", "a non-empty list of Request", requests)
+        for request in requests:
+            if not isinstance(request, Request):
+                raise ParameterError("requests", "a list of Request", type(request).__name__)
+            self._prompts(request.prompts, request.n, "n")
+            check_seed(request.seed)
+            generator = request.generator
+            if generator is not None and not isinstance(generator, np.random.Generator):
+                raise ParameterError("generator", "a numpy.random.Generator or None", type(generator).__name__)
+            if generator is not None and request.seed is not None:
+                raise ParameterError("seed", "None when a generator is given", request.seed)
+        total = sum(request.images for request in requests)
+        if total > self.max_batch:
+            raise ParameterError("requests", f"at most {self.max_batch} images in all (the bundle's max batch)", total)
+
+    def _checked(self, settings: Settings | None) -> Settings:
+        """`settings` checked against this bundle (None: its defaults); a batch's requests carry the seeds."""
+        if settings is None:
+            return self.settings()
+        if not isinstance(settings, Settings):
+            raise ParameterError("settings", "a Settings (Pipeline.settings(...)) or None", type(settings).__name__)
+        values = {name: getattr(settings, name) for name in ("steps", "sampler", "guidance_scale", "eta")}
+        return self.settings(**values, sr_strength=settings.sr_strength)
+
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Text embeddings (B, L, D) float32 for tokens (B, L) int64, in the encoder backend's namespace."""
+        self._check_open()
         encoder = self.backends[TEXT_ENCODER]
         xp, where = backend_namespace(encoder), backend_device(encoder)
         feeds = {
@@ -144,15 +250,15 @@ class Pipeline:
 
     def text_conditioning(self, text_embeds, attention_mask, repeats) -> tuple:
         """(text_embeds, text_mask) for the Unets, in the loop's namespace: row i of the encoder's
-        output repeated `repeats[i]` times (an int: every row that many times), the mask as bool."""
+        output repeated `repeats[i]` times (an int: every row that many times), the mask as bool.
+        The row index is built on the host and taken in the namespace (CuPy's `repeat` takes no
+        array of counts)."""
         xp = self.xp
         text_embeds = to_namespace(xp, text_embeds, device=self.device)
         mask = to_namespace(xp, attention_mask, like=text_embeds)
-        if isinstance(repeats, (list, tuple)):
-            repeats = to_namespace(xp, np.asarray(repeats, dtype=np.int64), like=text_embeds)
-        else:
-            repeats = int(repeats)
-        return xp.repeat(text_embeds, repeats, axis=0), xp.astype(xp.repeat(mask, repeats, axis=0), xp.bool)
+        counts = [int(count) for count in repeats] if isinstance(repeats, (list, tuple)) else int(repeats)
+        rows = to_namespace(xp, np.repeat(np.arange(text_embeds.shape[0], dtype=np.int64), counts), like=text_embeds)
+        return xp.take(text_embeds, rows, axis=0), xp.astype(xp.take(mask, rows, axis=0), xp.bool)
 
     def to_images(self, x) -> np.ndarray:
         """The cascade's x in [-1, 1] as uint8 (B, s, s, 3) images on the host."""
@@ -173,54 +279,63 @@ class Pipeline:
         callback: Callable | None = None,
         generator: np.random.Generator | None = None,
     ) -> Result:
-        """Images for `prompts` (a str or a list). None takes the bundle's default: `steps`
-        (per Unet, an int or a list), `sampler`, `guidance_scale`, and `sr_strength`, the share
-        of its steps a super-resolution Unet runs, starting from its noised upsampled input
-        (1: from pure noise). `seed` or `generator` fixes the noise; `strict` turns prompt
-        truncation into an error."""
-        start = time.perf_counter()
+        """Images for `prompts` (a str or a list), a batch of one `Request`. None takes the bundle's
+        default: `steps` (per Unet, an int or a list), `sampler`, `guidance_scale`, and `sr_strength`,
+        the share of its steps a super-resolution Unet runs, starting from its noised upsampled input
+        (1: from pure noise). `seed` or `generator` fixes the noise (one generator draws every image's
+        rows); `strict` turns prompt truncation into an error."""
         prompts = self._prompts(prompts, num_images_per_prompt)
         settings = self.settings(
             steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, sr_strength=sr_strength, seed=seed
         )
-        if generator is not None:
-            if not isinstance(generator, np.random.Generator):
-                raise ParameterError("generator", "a numpy.random.Generator or None", type(generator).__name__)
-            if seed is not None:
-                raise ParameterError("seed", "None when a generator is given", seed)
+        request = Request(prompts, num_images_per_prompt, settings.seed, generator)
+        return self.generate([request], settings, strict=strict, callback=callback)[0]
+
+    def generate(
+        self, requests: Sequence[Request], settings: Settings | None = None, *, strict: bool = False, callback=None
+    ) -> list[Result]:
+        """One engine batch for `requests` (at most `max_batch` images in all), which share `settings`
+        (None: the bundle's defaults; its seed is not used, each request carries its own): one
+        `Result` per request, in order. Request i's rows of every random draw come from its own
+        `Generator(PCG64(seed_i))` (or its `generator`); a request without either gets a drawn seed,
+        reported in its info. `strict` turns prompt truncation into an error."""
+        start = time.perf_counter()
+        self._check_requests(requests)
+        settings = self._checked(settings)
+        self._check_open()
+        prompts = [prompt for request in requests for prompt in request.prompt_list]
         input_ids, attention_mask, truncated = self.tokenizer(prompts, strict=strict)
         timings = {"tokenize": time.perf_counter() - start}
-        if generator is None:
-            seed = secrets.randbelow(MAX_SEED) if settings.seed is None else settings.seed
-            generator = np.random.Generator(np.random.PCG64(seed))
-
-        def noise(shape):
-            return generator.standard_normal(tuple(shape), dtype=np.float32)
-
+        seeds = [secrets.randbelow(MAX_SEED) if r.seed is None and r.generator is None else r.seed for r in requests]
+        generators = [
+            np.random.Generator(np.random.PCG64(seed)) if r.generator is None else r.generator
+            for r, seed in zip(requests, seeds, strict=True)
+        ]
         engine_start = time.perf_counter()
         text_embeds = self.encode(input_ids, attention_mask)
         timings[f"engine:{TEXT_ENCODER}"] = timings["engine"] = time.perf_counter() - engine_start
         timings["engine_calls"] = 1
-        repeat = num_images_per_prompt
-        text_embeds, text_mask = self.text_conditioning(text_embeds, attention_mask, repeat)
+        counts = [request.n for request in requests for _ in request.prompt_list]
+        text_embeds, text_mask = self.text_conditioning(text_embeds, attention_mask, counts)
         timings["text"] = time.perf_counter() - start
-        x = self.sample(text_embeds, text_mask, noise, settings, callback=callback, timings=timings)
-        array = self.to_images(x)
+        noise = batch_noise(generators, [request.images for request in requests])
+        array = self.to_images(self.sample(text_embeds, text_mask, noise, settings, callback=callback, timings=timings))
         timings["total"] = time.perf_counter() - start
-        info = [
-            {
-                "index": index,
-                "prompt": prompts[index // repeat],
-                "seed": seed,
-                **settings.to_info(),
-                "truncated": truncated[index // repeat],
-                "bundle_sha": self.bundle.short_sha,
-                "backend": self.backend_name,
-                "timings": dict(timings),
-            }
-            for index in range(array.shape[0])
-        ]
-        return Result(array, info)
+        return self._results(requests, seeds, array, truncated, settings, timings)
+
+    def _results(self, requests, seeds, array, truncated: list[bool], settings: Settings, timings: dict) -> list:
+        """One `Result` per request: its rows of the batch's images and one info per image."""
+        batch = {"images": int(array.shape[0]), "requests": len(requests)}
+        results, row, first_prompt = [], 0, 0
+        for request, seed in zip(requests, seeds, strict=True):
+            info = []
+            for index in range(request.images):
+                prompt = index // request.n  # the request's prompts, each n times
+                cut = truncated[first_prompt + prompt]
+                info.append(image_info(self, request.prompt_list[prompt], index, seed, settings, cut, batch, timings))
+            results.append(Result(array[row : row + request.images], info))
+            row, first_prompt = row + request.images, first_prompt + len(request.prompt_list)
+        return results
 
     def sample(
         self,
@@ -235,6 +350,7 @@ class Pipeline:
         """The cascade on encoded text: x (B, C, s, s) in [-1, 1] after the last Unet, in the loop's
         namespace. `noise(shape)` draws every random number, in the order of docs/bundle.md (NumPy
         arrays, or arrays of the loop's namespace); text_embeds and text_mask are moved there too."""
+        self._check_open()
         xp = self.xp
         text_embeds = to_namespace(xp, text_embeds, device=self.device)
         text_mask = to_namespace(xp, text_mask, like=text_embeds)

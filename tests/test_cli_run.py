@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from imagen.runtime import Pipeline, load_bundle
 from imagen.runtime.cli import main as run_cli
+from imagen.runtime.png import PNG_TEXT_KEYS
 
 PYTHON = sys.executable
 
@@ -65,7 +66,8 @@ def test_cli_writes_png_with_metadata_and_refuses_overwrite(bundle_fp32, tmp_pat
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert image.text["prompt"] == "a red circle" and image.text["seed"] == "4"
     assert image.text["sampler"] == "ddpm" and json.loads(image.text["steps"]) == [3, 3]
-    assert image.text["bundle_sha"] == load_bundle(bundle_fp32).short_sha and float(image.text["guidance"]) == 5.0
+    assert image.text["bundle_sha"] == load_bundle(bundle_fp32).short_sha and float(image.text["guidance_scale"]) == 5.0
+    assert set(image.text) == set(PNG_TEXT_KEYS)  # the keys imagen-serve's PNGs carry (one encode_png)
     pipe = Pipeline.load(bundle_fp32, threads=1)
     np.testing.assert_array_equal(np.asarray(image), pipe("a red circle", steps=3, seed=4).array[0])
     before = out.read_bytes()
@@ -166,7 +168,7 @@ def test_providers_asked_for_by_name_are_never_dropped_silently(bundle_fp32, tmp
     for name in ("cuda", "tensorrt"):
         refused = CliRunner().invoke(run_cli, [*common, "--providers", name, "-o", str(tmp_path / f"{name}.png")])
         lines = refused.output.strip().splitlines()
-        assert refused.exit_code == 2 and len(lines) == 1 and "imagen-cascade[gpu]" in lines[0], refused.output
+        assert refused.exit_code == 2 and len(lines) == 1 and "onnxruntime-gpu" in lines[0], refused.output
         assert not (tmp_path / f"{name}.png").exists()
     assert not (bundle_fp32 / "ort-tensorrt-cache").exists()  # refused before anything is written into it
     for name in ("cpu", "auto"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen.runtime import Pipeline
+from imagen.runtime import Pipeline, Request
 from imagen.runtime.serve import engine
 
 from golden import BATCHES, CALLS, digest, machine_key, stored
@@ -35,3 +35,12 @@ def test_server_batch_makes_the_stored_images(pipe, name):
     ]
     pngs = [png for images in engine.run_batch(pipe, requests) for png in images.pngs]
     assert digest(np.stack([np.asarray(Image.open(BytesIO(png))) for png in pngs])) == DIGESTS[name]
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_generate_makes_the_stored_images_of_the_server_batch(pipe, name):
+    """The server's batch is one `Pipeline.generate` call: called directly, the same images."""
+    batch = BATCHES[name]
+    requests = [Request(prompt, n, seed) for prompt, n, seed in batch["requests"]]
+    results = pipe.generate(requests, pipe.settings(**batch["settings"]))
+    assert digest(np.concatenate([result.array for result in results])) == DIGESTS[name]

@@ -12,16 +12,12 @@ import threading
 import numpy as np
 import pytest
 
+from imagen.export.parity import relative_error
 from imagen.runtime import Pipeline
 from imagen.runtime.samplers import spaced_timesteps
 
 PROMPTS = ["a red circle", "two blue squares on a grün background"]
 SEED = 1234
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -79,7 +75,7 @@ def compare_steps(ours, theirs, tolerance, label):
     worst = 0.0
     for (u, i, t, x), (v, j, s, y) in zip(ours, theirs, strict=False):
         assert (u, i, t) == (v, j, s), label
-        error = rel(x, y)
+        error = relative_error(x, y)
         worst = max(worst, error)
         assert error <= tolerance, f"{label}: unet {u} step {i} (t={t}) relative error {error:.2e} > {tolerance:.0e}"
     return worst
@@ -158,7 +154,7 @@ def test_small_sr_strength_keeps_the_upsampled_base_image(pipe_fp32):
         result, seen = runtime_sample(pipe_fp32, PROMPTS, SEED, sampler="ddim", steps=[4, 30], sr_strength=strength)
         base = np.clip([x for u, _, _, x in seen if u == 0][-1], -1, 1)
         up = (resize_image(base, size) + 1) / 2
-        errors[strength] = rel(result.array.transpose(0, 3, 1, 2) / 255.0, up)
+        errors[strength] = relative_error(result.array.transpose(0, 3, 1, 2) / 255.0, up)
     print(f"\nrel. distance of the output from the upsampled base image: {errors}")
     assert errors[0.01] < 0.1 and errors[1.0] > 0.3
 

@@ -13,7 +13,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from bundles import fake_pipeline, make_bundle
-from serving import URL, WAIT, decode_png, http_post, metric, metric_sample, needs_web, wait_until
+from serving import (
+    URL,
+    WAIT,
+    check_with_openai,
+    decode_png,
+    http_post,
+    metric,
+    metric_sample,
+    needs_openai,
+    needs_web,
+    running_server,
+    wait_until,
+)
 
 # --- the HTTP API over fake engines ------------------------------------------------------------
 
@@ -71,7 +83,8 @@ def test_generation_answers_openai_shape_with_info(tmp_path):
             assert (info["index"], info["seed"], info["steps"], info["truncated"]) == (index, 5, [3, 3], False)
             assert info["bundle_sha"] == service.pipe.bundle.short_sha
             assert info["batch"] == {"images": 2, "requests": 1}
-            assert {"queue", "request", "batch", "engine", "unet_0", "unet_1"} <= set(info["timings"])
+            assert {"queue", "request", "total", "engine", "unet_0", "unet_1"} <= set(info["timings"])
+        assert "x-imagen-ignored" not in reply.headers
 
         drawn = client.post(URL, json={"prompt": "a red circle"}).json()["data"][0]
         assert drawn["revised_prompt"] == "a red c" and drawn["imagen"]["truncated"]  # 7 bytes fit before eos
@@ -80,10 +93,22 @@ def test_generation_answers_openai_shape_with_info(tmp_path):
         again = client.post(URL, json={"prompt": "a red circle", "seed": seed}).json()["data"][0]
         assert again["b64_json"] == drawn["b64_json"]
 
+        # OpenAI's fields with no meaning here are accepted and named; those it honours give the same image
+        openai_fields = {"model": "dall-e-3", "quality": "hd", "style": "natural", "user": "u", "svg": {"model": "m"}}
+        honoured = {"size": "auto", "response_format": "b64_json", "output_format": "png", "background": "auto"}
+        body = {"prompt": "a red circle", "seed": seed, **openai_fields, **honoured, "stream": None, "moderation": None}
+        reply = client.post(URL, json=body)
+        assert reply.status_code == 200 and reply.headers["x-imagen-ignored"] == "model,quality,style,user,svg"
+        assert reply.json()["data"][0]["b64_json"] == drawn["b64_json"]
+
 
 BAD_VALUES = [  # body, param, code: each a 400 that names what to change
     ({"size": "32x32"}, "size", "unsupported_size"),
     ({"response_format": "url"}, "response_format", "unsupported_response_format"),
+    ({"output_format": "webp"}, "output_format", "unsupported_output_format"),
+    ({"background": "transparent"}, "background", "unsupported_background"),
+    ({"stream": True}, "stream", "unsupported_stream"),
+    ({"partial_images": 1}, "partial_images", "unsupported_partial_images"),
     ({"n": 0}, "n", "invalid_parameter"),
     ({"steps": 0}, "steps", "invalid_parameter"),
     ({"steps": [2, 3, 4]}, "steps", "invalid_parameter"),
@@ -256,6 +281,18 @@ def test_drain_refuses_new_requests_and_finishes_those_in_flight(tmp_path):
         reply = in_flight.result(WAIT)
         assert reply.status_code == 200 and len(reply.json()["data"]) == 2
     assert service.batcher.closing and not service.batcher.queue  # the lifespan's shutdown closed the batcher
+
+
+@needs_web
+@needs_openai
+def test_the_openai_client_gets_images_and_typed_errors(tmp_path):
+    """imagen-serve over a real connection (uvicorn in a thread), driven by the official client."""
+    from imagen.runtime.serve import ServeConfig, create_app
+
+    app = create_app(fake_pipeline(make_bundle(tmp_path)), ServeConfig(max_wait_ms=0))
+    with running_server(app) as port:
+        assert app.state.service.ready.wait(WAIT)
+        check_with_openai(f"http://127.0.0.1:{port}", size="16x16")
 
 
 @needs_web

@@ -1,20 +1,47 @@
 """imagen-serve's batcher on its own (imagen.runtime.serve.batching and .engine, no web stack):
-dropping, grouping, refusing; each request's own noise; the prompt fit; who imports the package."""
+the grouping rule both servers use, dropping, grouping, refusing; each request's own noise; the
+prompt fit; who imports the package."""
 
 import asyncio
 import subprocess
 import sys
 import threading
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from imagen.runtime.serve.batching import DROPPED, Batcher, Closing, QueueFull
-from imagen.runtime.serve.engine import batch_noise, fitted_prompt
+from imagen.runtime.pipeline import batch_noise
+from imagen.runtime.serve.batching import DROPPED, Batcher, Closing, QueueFull, next_batch, split_batches
+from imagen.runtime.serve.engine import fitted_prompt
 
 from bundles import fake_pipeline
 from serving import WAIT, WEB
+
+# --- the grouping rule ---------------------------------------------------------------------------
+
+Item = namedtuple("Item", "key images")
+
+
+def test_next_batch_takes_the_oldest_and_later_equal_keys_that_fit():
+    items = [Item("a", 4), Item("b", 2), Item("a", 3), Item("a", 2), Item("b", 1), Item("a", 1)]
+    assert next_batch(items, max_batch=8) == [0, 2, 5]  # a3 leaves no room for a2; a1 still fits
+    assert next_batch(items[1:], max_batch=8) == [0, 3]  # b2 leads, b1 joins
+    assert next_batch([Item("a", 9), Item("a", 1)], max_batch=8) == [0]  # the oldest always goes
+
+
+def test_split_batches_is_next_batch_until_every_item_is_placed():
+    items = [Item("a", 4), Item("b", 2), Item("a", 3), Item("a", 2), Item("b", 1), Item("a", 1)]
+    batches = split_batches(items, max_batch=8)
+    assert batches == [[0, 2, 5], [1, 4], [3]]
+    assert sorted(index for batch in batches for index in batch) == list(range(len(items)))
+    for batch in batches:
+        assert len({items[index].key for index in batch}) == 1
+        assert sum(items[index].images for index in batch) <= 8
+    assert split_batches([Item("a", 8), Item("a", 1)], max_batch=8) == [[0], [1]]
+    assert split_batches([], max_batch=8) == []
+
 
 # --- the batcher alone -------------------------------------------------------------------------
 
@@ -105,22 +132,21 @@ def test_batcher_refuses_when_full_or_closing():
 
 
 def test_batch_noise_is_each_requests_own_draws():
-    class Request:
-        def __init__(self, n, seed):
-            self.n, self.seed = n, seed
-
-    requests = [Request(2, 11), Request(1, 12), Request(3, 13)]
-    noise = batch_noise(requests)
+    seeds, rows = [11, 12, 13], [2, 1, 3]
+    noise = batch_noise([np.random.Generator(np.random.PCG64(seed)) for seed in seeds], rows)
     shapes = [(6, 3, 4, 4), (6, 3, 8, 8), (6, 3, 8, 8)]
     draws = [noise(shape) for shape in shapes]
-    for index, request in enumerate(requests):
-        solo = np.random.Generator(np.random.PCG64(request.seed))
-        rows = slice(sum(r.n for r in requests[:index]), sum(r.n for r in requests[: index + 1]))
+    for index, (seed, count) in enumerate(zip(seeds, rows)):
+        solo = np.random.Generator(np.random.PCG64(seed))
+        batch_rows = slice(sum(rows[:index]), sum(rows[: index + 1]))
         for shape, draw in zip(shapes, draws):
-            expected = solo.standard_normal((request.n, *shape[1:]), dtype=np.float32)
-            np.testing.assert_array_equal(draw[rows], expected)
+            np.testing.assert_array_equal(draw[batch_rows], solo.standard_normal((count, *shape[1:]), dtype=np.float32))
     with pytest.raises(RuntimeError, match="batch"):
         noise((5, 3, 4, 4))
+    alone = batch_noise([np.random.Generator(np.random.PCG64(7))], [6])((6, 3, 4, 4))
+    np.testing.assert_array_equal(
+        alone, np.random.Generator(np.random.PCG64(7)).standard_normal((6, 3, 4, 4), np.float32)
+    )
 
 
 def test_fitted_prompt_is_the_longest_start_that_fits(fake_bundle):

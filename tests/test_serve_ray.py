@@ -1,8 +1,8 @@
 """The Ray Serve app (imagen.runtime.serve.ray) on a small local Ray instance (127.0.0.1, a free port):
 two replicas of the demo bundle answer; concurrent requests form engine batches by settings, within
 the max batch, and equal their solo images; every answer, good or bad, equals imagen-serve's; Ray's
-backpressure answers 429, and a replica with IMAGEN_API_KEY 401. Then, without a cluster: the app's
-arguments, `split_batch`, and the shipped Serve config.
+backpressure answers 429, and a replica with IMAGEN_API_KEY 401; the `openai` client gets its images
+and typed errors. Then, without a cluster: the app's arguments and the shipped Serve config.
 
 Replicas take no logical CPU (`num_cpus: 0`) and one engine thread each, so the whole module runs
 on two cores; Serve and Ray are shut down in the fixture's finalizer. Two tests lean on margins of
@@ -13,7 +13,6 @@ import http.client
 import importlib.util
 import json
 import socket
-from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from test_serve import BAD_VALUES, SCHEMA_VIOLATIONS
 
-from serving import URL, WAIT, decode_png, needs_web
+from serving import URL, WAIT, check_with_openai, decode_png, needs_openai, needs_web
 
 pytestmark = [
     needs_web,
@@ -148,7 +147,7 @@ def test_concurrent_requests_form_engine_batches_by_settings_equal_to_solo_image
         assert status == 200, answer
         info = answer["data"][0]["imagen"]
         assert [item["imagen"]["batch"] for item in answer["data"]] == [info["batch"]] * body["n"]
-        key = (response.getheader("x-imagen-replica"), info["timings"]["batch"])
+        key = (response.getheader("x-imagen-replica"), info["timings"]["total"])
         batches.setdefault(key, []).append((body, info))
     for members in batches.values():
         batch = members[0][1]["batch"]
@@ -211,19 +210,24 @@ def test_answers_equal_imagen_serve_answers_good_and_bad(imagen_app, imagen_serv
         assert difference.max() <= 2 and np.mean(difference == 0) >= 0.9
 
 
+@needs_openai
+def test_the_openai_client_gets_images_and_typed_errors(imagen_app):
+    check_with_openai(f"http://127.0.0.1:{imagen_app}", size="64x64")
+
+
 def test_ray_backpressure_answers_429_and_a_replica_with_a_key_answers_401_without_it(ray_port):
     """A second app under a route prefix: one replica that holds one request and lets one wait, with
     IMAGEN_API_KEY in its environment. Of four requests at once, Ray refuses some with 429."""
     from ray import serve
 
-    from imagen.runtime.serve.ray import AppArgs, ImagenDeployment
+    from imagen.runtime.serve.ray import ImagenDeployment, parse_args
 
-    args = AppArgs.from_args(
+    config, deployment = parse_args(
         {**REPLICAS, "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1, "max_wait_ms": 0}
     )
-    options = args.deployment_options()
+    options = deployment.options(config)
     options["ray_actor_options"]["runtime_env"] = {"env_vars": {"IMAGEN_API_KEY": "s3cret"}}
-    app = ImagenDeployment.options(**options).bind(None, "auto", "cpu", 1, args.serve_config())
+    app = ImagenDeployment.options(**options).bind(config)
     serve.run(app, name="small", route_prefix="/small", blocking=False)
     try:
         path, key = "/small" + URL, {"Authorization": "Bearer s3cret"}
@@ -252,6 +256,7 @@ def test_ray_backpressure_answers_429_and_a_replica_with_a_key_answers_401_witho
 
 BAD_ARGUMENTS = [  # args, the field the error names, a part of its message
     ({"num_replica": "2"}, "num_replica", "known ones are bundle, backend"),
+    ({"port": "8000"}, "port", "known ones are"),  # imagen-serve's own: Ray's proxy listens
     ({"num_replicas": "two"}, "num_replicas", "whole number >= 1 or 'auto'"),
     ({"num_replicas": 0}, "num_replicas", "got 0"),
     ({"threads": "1.5"}, "threads", "whole number >= 1"),
@@ -261,6 +266,7 @@ BAD_ARGUMENTS = [  # args, the field the error names, a part of its message
     ({"backend": "cuda"}, "backend", "auto, onnxruntime, tensorrt"),
     ({"max_queued_requests": 0}, "max_queued_requests", "or -1 (no limit)"),
     ({"timeout_s": "0"}, "timeout_s", "number > 0"),
+    ({"max_wait_ms": "20000"}, "max_wait_ms", "number in [0, 10000]"),
     ({"autoscaling_config": "{min_replicas: 1"}, "autoscaling_config", "JSON object"),
     ({"autoscaling_config": {"min_replicas": 1, "max_replica": 2}}, "autoscaling_config", "max_replica"),
     ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling_config", "min_replicas (3)"),
@@ -271,18 +277,20 @@ BAD_ARGUMENTS = [  # args, the field the error names, a part of its message
 def test_app_arguments_are_typed_and_bad_ones_named_in_one_line():
     from ray.serve import Application
 
-    from imagen.runtime.serve.ray import AppArgs, ArgumentError, build_app
+    from imagen.runtime.serve import ServeConfig
+    from imagen.runtime.serve.ray import ArgumentError, build_app, parse_args
 
-    options = AppArgs.from_args({"num_replicas": "2", "num_gpus": "1", "num_cpus": "0", "bundle": "b"})
-    assert (options.bundle, options.providers) == ("b", "cpu")
-    assert AppArgs.from_args({"providers": "cuda"}).providers == "cuda"
-    deployment = options.deployment_options()
-    assert deployment["num_replicas"] == 2 and deployment["ray_actor_options"] == {"num_cpus": 0.0, "num_gpus": 1.0}
-    assert (deployment["max_ongoing_requests"], deployment["max_queued_requests"]) == (16, 64)
-    assert deployment["backpressure_config"].status_code == 429
-    scaled = AppArgs.from_args({"autoscaling_config": '{"min_replicas": 1, "max_replicas": 4}', "num_replicas": "auto"})
-    assert scaled.deployment_options()["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
-    assert AppArgs.from_args({"max_queued_requests": "-1"}).max_queued_requests == -1
+    config, deployment = parse_args({"num_replicas": "2", "num_gpus": "1", "num_cpus": "0", "bundle": "b"})
+    assert (config.bundle, config.providers, config.threads) == ("b", "cpu", 1)  # threads: num_cpus, at least 1
+    assert (config.max_wait_ms, config.timeout_s) == (ServeConfig.max_wait_ms, ServeConfig.timeout_s) == (10.0, 120.0)
+    assert parse_args({"providers": "cuda", "num_cpus": 3})[0] == ServeConfig(providers="cuda", threads=3)
+    options = deployment.options(config)
+    assert options["num_replicas"] == 2 and options["ray_actor_options"] == {"num_cpus": 0.0, "num_gpus": 1.0}
+    assert (options["max_ongoing_requests"], options["max_queued_requests"]) == (16, 64)
+    assert options["backpressure_config"].status_code == 429 and options["graceful_shutdown_timeout_s"] == 125
+    scaled = parse_args({"autoscaling_config": '{"min_replicas": 1, "max_replicas": 4}', "num_replicas": "auto"})[1]
+    assert scaled.options(config)["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    assert parse_args({"max_queued_requests": "-1"})[1].max_queued_requests == -1
     assert isinstance(build_app({}), Application)
     for args, name, fragment in BAD_ARGUMENTS:
         with pytest.raises(ArgumentError) as caught:
@@ -290,19 +298,6 @@ def test_app_arguments_are_typed_and_bad_ones_named_in_one_line():
         message = str(caught.value)
         assert caught.value.name == name and message.startswith(f"{name}: "), (args, message)
         assert fragment in message and "\n" not in message, (args, message)
-
-
-def test_split_batch_groups_by_settings_within_the_max_batch():
-    from imagen.runtime.serve.ray import split_batch
-
-    Request = namedtuple("Request", "key n")
-    requests = [Request("a", 4), Request("b", 2), Request("a", 3), Request("a", 2), Request("b", 1), Request("a", 1)]
-    batches = split_batch(requests, max_batch=8)
-    assert batches == [[0, 2], [3, 5], [1, 4]]
-    for batch in batches:
-        assert len({requests[index].key for index in batch}) == 1
-        assert sum(requests[index].n for index in batch) <= 8
-    assert split_batch([Request("a", 8), Request("a", 1)], max_batch=8) == [[0], [1]]
 
 
 def test_shipped_ray_serve_config_is_valid_and_builds():

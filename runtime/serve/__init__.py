@@ -3,8 +3,9 @@
     imagen-serve --bundle bundle/ --port 8000          # or: python -m imagen.runtime.serve.cli
     curl -s localhost:8000/v1/images/generations -d '{"prompt": "a red circle", "size": "64x64"}'
 
-Modules: `batching` (the request queue and batcher: asyncio and a worker thread, no web imports),
-`engine` (one engine batch from many requests, over the runtime's public seams), `schema` (the
+Modules: `config` (`ServeConfig`, the options of both servers, declared once; no web imports),
+`batching` (the grouping rule, the request queue and batcher: asyncio and a worker thread, no web
+imports), `engine` (one engine batch from many requests: `Pipeline.generate`), `schema` (the
 request body and the error bodies), `api` (what a client sees: checks, answers, errors, limits),
 `metrics` (Prometheus), `app` (`create_app`: FastAPI routes), `cli` (uvicorn) and `ray` (the same
 API as a Ray Serve application, `build_app`). The web stack (FastAPI, uvicorn, prometheus-client:
@@ -16,9 +17,13 @@ __all__ = ["create_app", "ServeConfig"]
 
 
 def __getattr__(name):
-    # lazy, so that `imagen.runtime.serve.batching` and `.engine` import without the web stack
-    if name in __all__:
-        from . import app
+    # lazy, so that `imagen.runtime.serve.batching`, `.config` and `.engine` import without the web stack
+    if name == "ServeConfig":
+        from .config import ServeConfig
 
-        return getattr(app, name)
+        return ServeConfig
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """The HTTP API that imagen-serve (`app`) and the Ray Serve app (`ray`) both answer, in one place.
 
 `check_request` checks a body against the server and the bundle (400, 413) and tokenizes it;
-`answer` makes the 200 body from a request's images; `failure_error` and `timeout_error` are the
+`answer` makes the 200 body from a request's images and `answer_headers` its headers (the fields
+that have no meaning here, `x-imagen-ignored`); `failure_error` and `timeout_error` are the
 500 and 504 answers; `Guard` is the ASGI middleware for the API key and the body limits (401, 411,
 413); `add_error_handlers` makes every error, FastAPI's own included (422, 404, 405), the JSON error
 body; `ready_body` is what /readyz answers once the server is ready. How requests wait for their
@@ -10,10 +11,10 @@ batch differs between the two servers; what a client sees does not.
 
 import base64
 import hmac
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -21,22 +22,19 @@ from starlette.exceptions import HTTPException
 from imagen.runtime.errors import ImagenError, NonFiniteError, ParameterError, PromptError
 
 from . import engine
-from .schema import GENERATIONS, GenerationRequest, ServeError, error_response, validation_error
+from .schema import GENERATIONS, IGNORED_HEADER, GenerationRequest, ServeError, error_response, validation_error
 
 log = logging.getLogger("imagen.serve")
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """How the server batches and what it accepts. `max_queue_images` None: 4 full batches."""
-
-    max_wait_ms: float = 10.0
-    max_queue_images: int | None = None
-    timeout_s: float = 120.0
-    max_prompt_chars: int = 4000
-    max_body_bytes: int = 64 * 1024
-    api_key: str | None = None
-    warmup: bool = True
+# OpenAI's fields that this server honours for some values only: name, those values, why not others
+UNSUPPORTED = (
+    ("response_format", ("b64_json",), "this server keeps no files to link to"),
+    ("output_format", ("png",), "this server answers PNG images"),
+    ("background", ("auto", "opaque"), "the images are opaque RGB, without an alpha channel"),
+    ("stream", (False,), "the answer comes in one piece"),
+    ("partial_images", (0,), "partial images come only with streaming, which this server does not do"),
+)
 
 
 def output_size(pipe) -> int:
@@ -48,21 +46,23 @@ def check_request(pipe, body: GenerationRequest, max_images: int, max_prompt_cha
     """The request checked against the server and the bundle, tokenized: ServeError 400 or 413."""
     size = output_size(pipe)
     expected = f"{size}x{size}"
-    if body.response_format != "b64_json":
-        raise ServeError(
-            400,
-            f"response_format {body.response_format!r} is not supported: this server keeps "
-            'no files to link to; use "b64_json"',
-            param="response_format",
-            code="unsupported_response_format",
-        )
-    if body.size is not None and body.size != expected:
+    if body.size not in (None, "auto", expected):
         raise ServeError(
             400,
             f"size must be {expected!r} (the bundle's output size), got {body.size!r}; omit it or send that",
             param="size",
             code="unsupported_size",
         )
+    for name, allowed, why in UNSUPPORTED:
+        given = getattr(body, name)
+        if given is not None and given not in allowed:
+            fix = " or ".join(json.dumps(value) for value in allowed)
+            raise ServeError(
+                400,
+                f"{name} {json.dumps(given)} is not supported: {why}; omit it or send {fix}",
+                param=name,
+                code=f"unsupported_{name}",
+            )
     if body.n < 1:
         raise ServeError(400, f"n must be at least 1, got {body.n}", param="n", code="invalid_parameter")
     if body.n > max_images:
@@ -101,6 +101,12 @@ def answer(image_request: "engine.ImageRequest", images: "engine.Images", timing
         item["imagen"] = info
         data.append(item)
     return {"created": int(time.time()), "data": data}
+
+
+def answer_headers(body: GenerationRequest) -> dict:
+    """The 200's headers: `x-imagen-ignored` names the given fields that have no meaning here."""
+    ignored = body.ignored()
+    return {IGNORED_HEADER: ",".join(ignored)} if ignored else {}
 
 
 def failure_error(error: Exception) -> ServeError:

@@ -1,6 +1,7 @@
 """`create_app(pipe, config)`: the FastAPI app of imagen-serve (docs/serving.md has the API and error table).
 
-    POST /v1/images/generations   OpenAI's images API (b64_json) plus seed, steps, sampler, guidance_scale,
+    POST /v1/images/generations   OpenAI's images API (b64_json PNGs; its fields with no meaning here are
+                                  named in x-imagen-ignored) plus seed, steps, sampler, guidance_scale,
                                   eta, sr_strength; per-image info in data[i]["imagen"]
     GET  /healthz                 the process answers
     GET  /readyz                  the bundle is loaded and warmed, and the server is not draining
@@ -26,9 +27,9 @@ from starlette.responses import JSONResponse, Response
 from . import engine
 from .api import (
     Guard,
-    ServeConfig,
     add_error_handlers,
     answer,
+    answer_headers,
     check_request,
     failure_error,
     output_size,
@@ -36,6 +37,7 @@ from .api import (
     timeout_error,
 )
 from .batching import Batcher, Closing, QueueFull
+from .config import ServeConfig
 from .metrics import Metrics
 from .schema import GENERATIONS, GenerationRequest, ServeError
 
@@ -48,7 +50,7 @@ class Service:
     def __init__(self, pipe, config: ServeConfig):
         self.pipe, self.config = pipe, config
         self.size = output_size(pipe)
-        queue_images = config.max_queue_images or 4 * pipe.max_batch
+        queue_images = config.queue_images(pipe.max_batch)
         self.max_images = min(pipe.max_batch, queue_images)  # images one request may ask for
         self.batcher = Batcher(
             lambda requests: engine.run_batch(pipe, requests),
@@ -88,7 +90,7 @@ class Service:
         out the window, and the sessions allocate the memory of the largest batch)."""
         try:
             request = engine.prepare(self.pipe, "warm-up", self.max_images, seed=0, steps=1)
-            await self.batcher.submit(request.key, request.n, request).future
+            await self.batcher.submit(request.key, request.images, request).future
         except Exception as error:  # noqa: BLE001 - reported by /readyz, which then never says ready
             self.failure = f"{type(error).__name__}: {error}"
             log.exception("warm-up failed")
@@ -124,7 +126,7 @@ class Service:
             )
         image_request = self.check(body)
         try:
-            job = self.batcher.submit(image_request.key, image_request.n, image_request)
+            job = self.batcher.submit(image_request.key, image_request.images, image_request)
         except QueueFull as error:
             raise ServeError(
                 429, str(error), "rate_limit_error", code="queue_full", headers={"Retry-After": str(error.retry_after)}
@@ -206,7 +208,7 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post(GENERATIONS)
     async def generations(body: GenerationRequest, request: Request):
-        return JSONResponse(await service.generate(body, request))
+        return JSONResponse(await service.generate(body, request), headers=answer_headers(body))
 
     @app.get("/healthz")
     async def healthz():

@@ -1,11 +1,15 @@
 """The request queue and the batcher: concurrent requests with the same key run as one engine batch.
 
+`next_batch` is the rule of which requests share an engine batch, for imagen-serve's queue and the
+Ray app's gathered requests alike: the oldest request, and after it, in arrival order, every
+request with its key (its settings without the seed) whose images still fit in `max_batch`.
+
 A `Batcher` lives on one asyncio event loop. `submit` queues a job (refused when the queue, bounded
-in images, is full, or when the batcher is closing); one loop task takes the oldest job, gathers the
-queued jobs with the same key (oldest first) until the batch holds `max_batch` images (or the queue
-is full, so that nothing more can join) or the oldest job has waited `max_wait_s`, and hands the
-batch to `run_batch` in a worker thread. One batch runs at a time, so the event loop never waits on
-NumPy and the engines never see two batches at once.
+in images, is full, or when the batcher is closing); one loop task takes the oldest job's
+`next_batch` once it holds `max_batch` images (or the queue is full, so that nothing more can join)
+or the oldest job has waited `max_wait_s`, and hands the batch to `run_batch` in a worker thread.
+One batch runs at a time, so the event loop never waits on NumPy and the engines never see two
+batches at once.
 
 `drop` takes back a job whose work has not started (its client went away or its time ran out): it
 leaves the queue and never reaches the engines. A job that is already running finishes; its result
@@ -15,12 +19,35 @@ is simply not delivered. This module imports no web framework.
 import asyncio
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 QUEUED, RUNNING, DONE, DROPPED = "queued", "running", "done", "dropped"
+
+
+def next_batch(items: Sequence, max_batch: int) -> list[int]:
+    """Indices of the engine batch led by `items[0]` (the oldest): it, and each later item with its
+    `key` whose `images` still fit, at most `max_batch` images in all. The oldest always goes, so
+    none starves."""
+    head = items[0]
+    batch, images = [0], head.images
+    for index, item in enumerate(items[1:], start=1):
+        if item.key == head.key and images + item.images <= max_batch:
+            batch.append(index)
+            images += item.images
+    return batch
+
+
+def split_batches(items: Sequence, max_batch: int) -> list[list[int]]:
+    """Indices of all `items` in engine batches, `next_batch` after `next_batch`, oldest first."""
+    left, batches = list(range(len(items))), []
+    while left:
+        chosen = [left[index] for index in next_batch([items[index] for index in left], max_batch)]
+        batches.append(chosen)
+        left = [index for index in left if index not in chosen]
+    return batches
 
 
 class QueueFull(Exception):
@@ -132,11 +159,8 @@ class Batcher:
     def _next_batch(self) -> tuple[list[Job], bool]:
         """The oldest job and the queued jobs with its key that fit, and whether the batch may go now."""
         head = self.queue[0]
-        batch, images = [], 0
-        for job in self.queue:
-            if job.key == head.key and images + job.images <= self.max_batch:
-                batch.append(job)
-                images += job.images
+        batch = [self.queue[index] for index in next_batch(self.queue, self.max_batch)]
+        images = sum(job.images for job in batch)
         # no job can join a full batch, nor any batch while the queue is full
         full = images >= self.max_batch or self.queued_images >= self.max_queue_images
         ready = full or self.closing or time.monotonic() >= head.enqueued + self.max_wait_s

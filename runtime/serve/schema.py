@@ -1,5 +1,12 @@
 """The request body of POST /v1/images/generations and the error bodies (OpenAI's images API shape).
 
+Every field of OpenAI's images request is accepted (the `openai` client's `images.generate`). What
+maps here is honoured: `prompt`, `n`, and `size`, `response_format`, `output_format`, `background`,
+`stream` and `partial_images` where their value is what this server makes (the bundle's size,
+base64 PNGs, opaque, in one piece; another value is a 400 from `api.check_request`). What has no
+meaning here (`IGNORED`: the model, quality, style, moderation, ...) is accepted and named in the
+answer's `x-imagen-ignored` header. The project's own fields (seed, steps, sampler, ...) follow.
+
 Types are strict (JSON 2.0 is not an integer, "5" is not a number) and unknown fields are refused,
 so a misspelt extension field fails loudly instead of being ignored. Ranges are not checked here:
 the runtime's `Pipeline.settings` checks them (one place), and its ParameterError becomes a 400.
@@ -9,6 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 GENERATIONS = "/v1/images/generations"
+IGNORED_HEADER = "x-imagen-ignored"  # the request's fields that have no meaning here, comma-separated
+# OpenAI's request fields that have no meaning for this server: accepted, reported, not used
+IGNORED = (
+    "model",
+    "quality",
+    "style",
+    "user",
+    "safety_identifier",
+    "moderation",
+    "output_compression",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
+)
+NO_MEANING = "OpenAI's; accepted and ignored (named in the x-imagen-ignored header)"
 
 
 class GenerationRequest(BaseModel):
@@ -16,10 +39,23 @@ class GenerationRequest(BaseModel):
 
     prompt: str = Field(description="the text to draw")
     n: int = Field(1, description="images for this prompt, 1 to the bundle's max batch")
-    size: str | None = Field(None, description='"WxH", the bundle\'s last image size (default)')
-    response_format: str = Field("b64_json", description="only b64_json: the server keeps no files to link to")
-    model: str | None = Field(None, description="accepted for client compatibility; the server runs its one bundle")
-    user: str | None = Field(None, description="accepted for client compatibility; ignored")
+    size: str | None = Field(None, description='"WxH", the bundle\'s last image size (default), or "auto"')
+    response_format: str | None = Field(None, description="b64_json only: the server keeps no files to link to")
+    output_format: str | None = Field(None, description="png only")
+    background: str | None = Field(None, description="auto or opaque: the images have no alpha channel")
+    stream: bool | None = Field(None, description="false only: the answer comes in one piece")
+    partial_images: int | None = Field(None, description="0 only: partial images need streaming")
+    model: str | None = Field(None, description=NO_MEANING + "; the server runs its one bundle")
+    quality: str | None = Field(None, description=NO_MEANING + "; set steps instead")
+    style: str | None = Field(None, description=NO_MEANING + "; describe the style in the prompt")
+    user: str | None = Field(None, description=NO_MEANING)
+    safety_identifier: str | None = Field(None, description=NO_MEANING)
+    moderation: str | None = Field(None, description=NO_MEANING + "; the server moderates nothing")
+    output_compression: int | None = Field(None, description=NO_MEANING + "; PNG is lossless")
+    complexity: str | None = Field(None, description=NO_MEANING)
+    frame_count: int | None = Field(None, description=NO_MEANING + " (GIF output only)")
+    frame_duration_ms: int | None = Field(None, description=NO_MEANING + " (GIF output only)")
+    svg: dict | None = Field(None, description=NO_MEANING + " (SVG output only)")
     # extensions
     seed: int | None = Field(None, description="0 <= seed < 2**63; drawn and reported when absent")
     steps: int | list[int] | None = Field(None, description="sampler steps, one for all Unets or one per Unet")
@@ -33,6 +69,10 @@ class GenerationRequest(BaseModel):
         return {
             name: getattr(self, name) for name in ("seed", "steps", "sampler", "guidance_scale", "eta", "sr_strength")
         }
+
+    def ignored(self) -> list[str]:
+        """The fields given (not null) that have no meaning here, in `IGNORED`'s order."""
+        return [name for name in IGNORED if getattr(self, name) is not None]
 
 
 class ServeError(Exception):
