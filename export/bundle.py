@@ -9,13 +9,14 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 import imagen
-from imagen.reference.checkpoint import Run, load_minimagen_run, load_run
+from imagen.reference.checkpoint import Run, load_run
+from imagen.reference.minimagen import load_minimagen_run
 from imagen.reference.text_encoder import SentencePieceTokenizer, TextEncoder
 from imagen.runtime.contract import (
     LOWRES,
@@ -30,8 +31,6 @@ from imagen.runtime.contract import (
     StageSignature,
     TensorRTEntry,
     TokenizerEntry,
-    check_sampler,
-    check_sr_strength,
     run_config_sha256,
     sha256_file,
     text_encoder_signature,
@@ -39,17 +38,11 @@ from imagen.runtime.contract import (
     unet_signature,
 )
 
-from .onnx_export import (
-    EXTERNAL_DATA_THRESHOLD,
-    ExportError,
-    TextEncoderStage,
-    UnetStage,
-    check_model,
-    convert_fp16,
-    count_flops,
-    export_stage,
-    measure_parity,
-)
+from .errors import ExportError
+from .fp16 import convert_fp16
+from .onnx_export import TextEncoderStage, UnetStage, check_model, export_stage
+from .options import ExportOptions
+from .parity import count_flops, measure_parity
 from .tensorrt import build_engines
 
 # ONNX Runtime and PyTorch sum in different orders, and FP32 differences grow with depth: about
@@ -148,53 +141,37 @@ def _publish(staging: Path, out: Path) -> None:
 def export_bundle(
     ckpt: str | Path,
     out: str | Path,
+    options: ExportOptions | None = None,
     *,
-    fp16: bool = False,
-    tensorrt: bool = False,
-    weights: str = "latest",
-    max_batch: int = 8,
-    opset: int = 18,
-    text_encoder: str | Path | None = None,
-    force: bool = False,
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    sr_strength: float = 1.0,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    record_source_path: bool = False,
-    tensorrt_version_compatible: bool = False,
-    unets: int | None = None,
     report: Callable[[str], None] | None = None,
+    **fields,
 ) -> Manifest:
-    """Exports every stage, measures parity, optionally builds TensorRT engines; returns the manifest.
+    """Exports every stage of the run or MinImagen directory `ckpt` into the bundle folder `out`,
+    measures parity, optionally builds TensorRT engines; returns the manifest.
 
-    `sampler`, `steps` and `sr_strength` become the bundle's defaults (steps None: every trained
-    timestep; sr_strength 1: super-resolution from pure noise). A stage whose weights exceed
-    `external_data_threshold` bytes keeps them in external data files (0: every stage).
-    The manifest names the run and hashes its config; `record_source_path` adds the run's full path.
-    `tensorrt_version_compatible` builds engines that later TensorRT versions and the lean runtime load.
-    `unets=K` exports the first K Unets of a MinImagen directory (a complete, smaller cascade)."""
+    `options` says how (`ExportOptions`, whose fields may also be given as keywords: `fp16=True`
+    alone, or over `options`); `report` receives one line per step."""
+    options = ExportOptions(**fields) if options is None else replace(options, **fields)
     say = report or (lambda message: None)
     out = Path(out)
-    _check_options(sampler, steps, sr_strength, max_batch, external_data_threshold)
     out.parent.mkdir(parents=True, exist_ok=True)
     _recover(out)
-    if out.exists() and not force:
+    if out.exists() and not options.force:
         raise ExportError(
             f"{out} already exists; pass --force to replace it (the old bundle stays until the new one is complete)"
         )
-    run = load_checkpoint(ckpt, weights, text_encoder, unets)
+    run = load_checkpoint(ckpt, options.weights, options.text_encoder, options.unets)
     timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
-    if steps is not None and steps > timesteps:
-        raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {steps}")
+    if options.steps is not None and options.steps > timesteps:
+        raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {options.steps}")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     staging.mkdir()
     try:
         tokenizer = _write_tokenizer(run, staging)
-        stages = _stages(run, max_batch)
-        entries = _write_stages(stages, staging, fp16, opset, force, external_data_threshold, say)
-        engines = _build_engines(stages, entries, staging, say, tensorrt_version_compatible) if tensorrt else None
-        defaults = dict(sampler=sampler, steps=steps, sr_strength=float(sr_strength))
-        manifest = _manifest(run, tokenizer, entries, engines, defaults, record_source_path)
+        stages = _stages(run, options.max_batch)
+        entries = _write_stages(stages, staging, options, say)
+        engines = _build_engines(stages, entries, staging, options, say) if options.builds_engines else None
+        manifest = _manifest(run, tokenizer, entries, engines, options)
         (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
         _publish(staging, out)
     except BaseException:
@@ -204,9 +181,10 @@ def export_bundle(
     return manifest
 
 
-def _manifest(run: Run, tokenizer, entries: dict, engines, defaults: dict, record_source_path: bool) -> Manifest:
+def _manifest(run: Run, tokenizer, entries: dict, engines, options: ExportOptions) -> Manifest:
     """The typed manifest of an exported run: its sizes, tokenizer, schedules, the sampling defaults
-    (the run's guidance, thresholding and augmentation, and `defaults`), stages, engines and provenance."""
+    (the run's guidance, thresholding and augmentation, and the options' sampler, steps and
+    sr_strength), stages, engines and provenance."""
     config = run.imagen.config
     return Manifest(
         channels=config.channels,
@@ -219,27 +197,15 @@ def _manifest(run: Run, tokenizer, entries: dict, engines, defaults: dict, recor
             config.guidance_scale,
             config.dynamic_thresholding_percentile,
             config.lowres_sample_noise_level,
-            **defaults,
+            sampler=options.sampler,
+            steps=options.steps,
+            sr_strength=float(options.sr_strength),
         ),
         stages=entries,
         tensorrt=engines,
         producer=_versions(),
-        source=run_source(run.path, run.weights, record_source_path),
+        source=run_source(run.path, run.weights, options.record_source_path),
     )
-
-
-def _check_options(sampler: str, steps, sr_strength, max_batch, external_data_threshold) -> None:
-    """The export's own options, checked before anything is read or written (the bundle's defaults
-    through the runtime's checks, so that a bundle never carries a default its runtime refuses)."""
-    check_sampler(sampler)
-    check_sr_strength(sr_strength)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
-        raise ValueError(f"max_batch must be an integer in [1, 1024], got {max_batch!r}")
-    threshold = external_data_threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise ValueError(f"external_data_threshold must be a non-negative integer, got {threshold!r}")
 
 
 def run_source(run_dir: Path, weights: str, record_path: bool = False) -> Source:
@@ -304,18 +270,16 @@ def _schedules(run: Run) -> dict[str, ScheduleEntry]:
     }
 
 
-def _write_stages(
-    stages: list[Stage], staging: Path, fp16: bool, opset: int, force: bool, threshold: int, say
-) -> dict[str, StageEntry]:
+def _write_stages(stages: list[Stage], staging: Path, options: ExportOptions, say) -> dict[str, StageEntry]:
     entries, failures = {}, []
     for stage in stages:
-        entries[stage.name] = entry = _write_stage(stage, staging, fp16, opset, force, threshold, say)
+        entries[stage.name] = entry = _write_stage(stage, staging, options, say)
         if not entry.parity.passed:
             failures.append(
                 f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
                 f"{entry.parity.tolerance:.0e}"
             )
-    if failures and not force:
+    if failures and not options.force:
         raise ExportError(
             "parity check failed: " + "; ".join(failures) + ". The export was not written; "
             "pass --force to write it anyway (marked in the manifest)"
@@ -323,11 +287,12 @@ def _write_stages(
     return entries
 
 
-def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: bool, threshold: int, say) -> StageEntry:
+def _write_stage(stage: Stage, staging: Path, options: ExportOptions, say) -> StageEntry:
     """Exports one stage (FP16 Unets go through an FP32 file), checks it and measures its parity.
     Its external data entries are the files the written model references, whatever their names."""
     name, signature, kwargs = stage.name, stage.signature, stage.input_kwargs
-    precision = "fp16" if fp16 and stage.image_size is not None else "fp32"
+    opset, threshold = options.opset, options.external_data_threshold
+    precision = "fp16" if options.fp16 and stage.image_size is not None else "fp32"
     path = staging / f"{name}.onnx"
     say(f"{name}: exporting to ONNX")
     if precision == "fp16":
@@ -352,7 +317,7 @@ def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: boo
         file=file_entry(staging, path),
         precision=precision,
         signature=signature,
-        parity=Parity(list(PARITY_BATCH_SIZES), errors, tolerance, passed, bool(force and not passed)),
+        parity=Parity(list(PARITY_BATCH_SIZES), errors, tolerance, passed, bool(options.force and not passed)),
         flops=count_flops(stage.module, signature, **kwargs),
         external_data=tuple(file_entry(staging, file) for file in files[1:]),
         image_size=stage.image_size,
@@ -361,10 +326,11 @@ def _write_stage(stage: Stage, staging: Path, fp16: bool, opset: int, force: boo
 
 
 def _build_engines(
-    stages: list[Stage], entries: dict[str, StageEntry], staging: Path, say, version_compatible: bool = False
+    stages: list[Stage], entries: dict[str, StageEntry], staging: Path, options: ExportOptions, say
 ) -> TensorRTEntry | None:
     """Engines take their precision from the ONNX files (`--fp16` chose those); each is checked
     against ONNX Runtime at the FP16 tolerance before it is written."""
+    version_compatible = options.tensorrt_version_compatible
     return build_engines(
         stages, entries, staging, say, tolerance=TOLERANCE["fp16"], version_compatible=version_compatible
     )

@@ -1,15 +1,17 @@
-"""`imagen-export`: a thin click command over `imagen.export.bundle.export_bundle`."""
+"""`imagen-export`: a thin click command over `imagen.export.bundle.export_bundle`. Its options are
+`ExportOptions`' fields, with `ExportOptions`' defaults and ranges."""
 
 import click
 
 from imagen._cli import command, run_command
-from imagen.reference.checkpoint import WEIGHT_KINDS
 from imagen.runtime.contract import SAMPLER_NAMES
 
 from .bundle import export_bundle
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, ExportError
+from .errors import ExportError
+from .options import MAX_BATCH_LIMIT, OPSETS, WEIGHT_KINDS, ExportOptions
 
 PREFIX = "imagen-export: "
+DEFAULTS = ExportOptions()
 
 
 @command("imagen-export", PREFIX)
@@ -24,40 +26,41 @@ PREFIX = "imagen-export: "
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
 @click.option(
     "--version-compatible",
+    "tensorrt_version_compatible",
     is_flag=True,
     help="Build version-compatible TensorRT engines (implies "
-    "--tensorrt): they also run on later TensorRT of the same major version and on the lean runtime "
-    "(imagen-cascade[tensorrt-lean]), possibly slower.",
+    "--tensorrt): they also run on the lean runtime of the same TensorRT version "
+    "(imagen-cascade[tensorrt-lean-cu13] or [tensorrt-lean-cu12]), possibly slower.",
 )
-@click.option("--weights", type=click.Choice(WEIGHT_KINDS), default="latest", show_default=True)
+@click.option("--weights", type=click.Choice(WEIGHT_KINDS), default=DEFAULTS.weights, show_default=True)
 @click.option(
     "--max-batch",
-    type=click.IntRange(1, 1024),
-    default=8,
+    type=click.IntRange(1, MAX_BATCH_LIMIT),
+    default=DEFAULTS.max_batch,
     show_default=True,
     help="Largest number of images per call (Unets see twice this: cond + uncond).",
 )
-@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
+@click.option("--opset", type=click.IntRange(*OPSETS), default=DEFAULTS.opset, show_default=True)
 @click.option(
     "--text-encoder", type=click.Path(), default=None, help="Local T5 folder (needed for MinImagen directories)."
 )
 @click.option(
     "--sampler",
     type=click.Choice(list(SAMPLER_NAMES)),
-    default="ddpm",
+    default=DEFAULTS.sampler,
     show_default=True,
     help="The bundle's default sampler.",
 )
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
-    default=None,
+    default=DEFAULTS.steps,
     help="The bundle's default steps per Unet (default: every trained timestep).",
 )
 @click.option(
     "--sr-strength",
     type=click.FloatRange(0.0, 1.0, min_open=True),
-    default=1.0,
+    default=DEFAULTS.sr_strength,
     show_default=True,
     help="The bundle's default share of steps a super-resolution Unet runs from its noised "
     "upsampled input (1: from pure noise).",
@@ -65,7 +68,7 @@ PREFIX = "imagen-export: "
 @click.option(
     "--external-data-threshold",
     type=click.IntRange(min=0),
-    default=EXTERNAL_DATA_THRESHOLD,
+    default=DEFAULTS.external_data_threshold,
     show_default=True,
     metavar="BYTES",
     help="A stage with more weight bytes than this keeps them in <stage>.onnx.data files (ONNX files "
@@ -79,33 +82,14 @@ PREFIX = "imagen-export: "
 @click.option(
     "--unets",
     type=click.IntRange(min=1),
-    default=None,
+    default=DEFAULTS.unets,
     metavar="K",
     help="MinImagen directories: export only the first K Unets (when the later ones are not trained yet).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing bundle; also write one that fails parity.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(
-    ckpt,
-    out,
-    fp16,
-    tensorrt,
-    version_compatible,
-    weights,
-    max_batch,
-    opset,
-    text_encoder,
-    sampler,
-    steps,
-    sr_strength,
-    external_data_threshold,
-    record_source_path,
-    unets,
-    force,
-    quiet,
-    debug,
-):
+def main(ckpt, out, quiet, debug, **fields):
     """Export a trained cascade to an ONNX bundle (and TensorRT engines)."""
 
     def report(message):
@@ -113,28 +97,9 @@ def main(
             click.echo(message, err=True)
 
     # A failed export of the user's checkpoint (ExportError: parity, an ONNX check, a mismatched
-    # text encoder) is theirs to act on, like a bad path.
-    engines = {"tensorrt_version_compatible": True} if version_compatible else {}
+    # text encoder) is theirs to act on, like a bad path; so are options ExportOptions refuses.
     run_command(
-        lambda: export_bundle(
-            ckpt,
-            out,
-            fp16=fp16,
-            tensorrt=tensorrt or version_compatible,
-            weights=weights,
-            max_batch=max_batch,
-            **engines,
-            opset=opset,
-            text_encoder=text_encoder,
-            force=force,
-            sampler=sampler,
-            steps=steps,
-            sr_strength=sr_strength,
-            external_data_threshold=external_data_threshold,
-            record_source_path=record_source_path,
-            unets=unets,
-            report=report,
-        ),
+        lambda: export_bundle(ckpt, out, ExportOptions(**fields), report=report),
         debug=debug,
         prefix=PREFIX,
         user_errors=(ExportError,),

@@ -1,4 +1,6 @@
-"""PyTorch stage -> ONNX file, FP16 conversion, checks, FLOP count and parity.
+"""PyTorch stage -> ONNX file: the stage modules with positional inputs in signature order, the
+export itself and the checks of what it wrote. FP16 conversion is in `fp16`, external data in
+`external_data`, parity and FLOPs in `parity`.
 
 The exporter is torch.export-based (`dynamo=True`): it gives correct graphs with a
 symbolic batch for both the Unets and transformers' T5 (with eager attention). The
@@ -8,8 +10,6 @@ TorchScript exporter fails on the Unet's LayerNorm here.
 import contextlib
 import io
 import logging
-import os
-import stat
 import warnings
 from pathlib import Path
 
@@ -21,13 +21,10 @@ from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.unet import Unet
 from imagen.runtime.contract import BATCH, StageSignature
 
-TWO_GB = 2**31  # protobuf's limit on one serialized message: a larger .onnx must keep its weights outside
-EXTERNAL_DATA_THRESHOLD = int(TWO_GB * 0.9)  # weight bytes above which a stage is written with external data
+from .errors import ExportError
+from .external_data import EXTERNAL_DATA_THRESHOLD, external_data_files
+
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata naming the exporting machine's source paths
-
-
-class ExportError(RuntimeError):
-    """An export step failed; the message names the stage and what to do."""
 
 
 class UnetStage(nn.Module):
@@ -63,7 +60,7 @@ def to_torch(feeds: dict[str, np.ndarray], signature: StageSignature) -> tuple:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """torch.onnx prints progress and warnings of its own; keep the command's output ours."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -99,7 +96,7 @@ def export_stage(
     dynamic_shapes = tuple({0: batch} if spec.shape[0] == BATCH else None for spec in signature.inputs)
     large = weight_bytes(module) > external_data_threshold
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 example,
@@ -145,175 +142,3 @@ def _strip_stack_traces(model) -> None:
     for graph in (model.graph, *model.functions.values()):
         for node in graph.all_nodes():
             node.metadata_props.pop(STACK_TRACE, None)
-
-
-def external_data_files(path: Path) -> list[Path]:
-    """Every file the model at `path` reads its tensors from, in first-use order; ExportError if one
-    is missing or lies outside the model's folder (the runtime would refuse it)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    folder = path.parent.resolve()
-    files = []
-    for tensor in _tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
-        file = path.parent / location
-        if (
-            not location
-            or Path(location).is_absolute()
-            or ".." in Path(location).parts
-            or not file.resolve().is_relative_to(folder)
-            or not file.is_file()
-        ):
-            raise ExportError(
-                f"{path.name}: tensor {tensor.name} reads external data {location!r}, which is not a "
-                f"file inside {path.parent}"
-            )
-        if file not in files:
-            files.append(file)
-    return files
-
-
-def _tensors(model):
-    """Every TensorProto of a model: initializers, sparse initializers and node attributes, in
-    subgraphs and functions too."""
-    graphs = [model.graph]
-    nodes = [node for function in model.functions for node in function.node]
-    while graphs or nodes:
-        if graphs:
-            graph = graphs.pop()
-            yield from graph.initializer
-            yield from _sparse(graph.sparse_initializer)
-            nodes.extend(graph.node)
-            continue
-        for attribute in nodes.pop().attribute:
-            yield from [attribute.t] if attribute.HasField("t") else []
-            yield from attribute.tensors
-            yield from _sparse([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else [])
-            yield from _sparse(attribute.sparse_tensors)
-            graphs.extend([attribute.g] if attribute.HasField("g") else [])
-            graphs.extend(attribute.graphs)
-
-
-def _sparse(tensors):
-    for tensor in tensors:
-        yield from (tensor.values, tensor.indices)
-
-
-def convert_fp16(src: Path, dst: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    """FP16 weights and math with FP32 inputs and outputs (casts at the graph edges); returns the
-    files written, as `export_stage` does. `src` goes by path: the converter then infers shapes
-    from the file (onnx's in-memory shape inference stops at 2 GB)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    with _quiet():
-        half = convert_float_to_float16(str(src), keep_io_types=True, disable_shape_infer=False)
-    _sort_topologically(half.graph)  # the converter appends its input casts at the end
-    _drop_redundant_casts(half.graph)  # it casts float32 Resize scales to float32 again: strict typing wants none
-    del half.graph.value_info[:]  # it also leaves stale float32 annotations on FP16 tensors
-    large = sum(t.ByteSize() for t in half.graph.initializer) > external_data_threshold
-    # Without `location` onnx names the data file by a fresh UUID; name it as the exporter does.
-    onnx.save(half, str(dst), save_as_external_data=large, location=f"{dst.name}.data")
-    files = [dst] + external_data_files(dst)
-    mode = stat.S_IMODE(dst.stat().st_mode)  # onnx may write the data through a 0600 temporary file:
-    for file in files[1:]:  # give it the permissions the model file got from the umask
-        os.chmod(file, mode)
-    return files
-
-
-def _drop_redundant_casts(graph) -> None:
-    """Remove Casts to the type their input already has (float32 -> float32 on Resize scales,
-    float16 -> float16), reading the consumers from the input. Types are those known without shape
-    inference, which stops at 2 GB: initializers, graph inputs, Constants and earlier Casts."""
-    import onnx
-
-    types = {t.name: t.data_type for t in graph.initializer}
-    types.update((i.name, i.type.tensor_type.elem_type) for i in graph.input)
-    outputs, rename, kept = {o.name for o in graph.output}, {}, []
-    for node in graph.node:
-        node.input[:] = [rename.get(name, name) for name in node.input]
-        attributes = {a.name: a for a in node.attribute}
-        if node.op_type == "Constant" and "value" in attributes:
-            types[node.output[0]] = attributes["value"].t.data_type
-        if node.op_type == "Cast":
-            to = onnx.helper.get_attribute_value(attributes["to"])
-            if types.get(node.input[0]) == to and node.output[0] not in outputs:
-                rename[node.output[0]] = node.input[0]
-                continue
-            types[node.output[0]] = to
-        kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
-def _sort_topologically(graph) -> None:
-    """Reorder a graph's nodes so that every input is produced before it is read (Kahn's order,
-    stable: nodes keep their relative order where the data allows)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(name in available for name in n.input)]
-        if not ready:
-            missing = sorted({name for n in pending for name in n.input} - available)[:5]
-            raise ExportError(f"graph has inputs that no node produces: {missing}")
-        chosen = {id(n) for n in ready}
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [n for n in pending if id(n) not in chosen]
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def count_flops(module: nn.Module, signature: StageSignature, **input_kwargs) -> int:
-    """FLOPs of one call at batch 1 (2 x multiply-adds of matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    inputs = to_torch(signature.sample_inputs(1, np.random.default_rng(0), **input_kwargs), signature)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        module(*inputs)
-    return int(counter.get_total_flops())
-
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / ||b||, in float64; inf when a has non-finite values."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    if not np.isfinite(a64).all():
-        return float("inf")
-    denominator = np.linalg.norm(b64)
-    return float(np.linalg.norm(a64 - b64) / (denominator if denominator > 0 else 1.0))
-
-
-def measure_parity(
-    module: nn.Module,
-    signature: StageSignature,
-    path: Path,
-    batch_sizes=(1, 3),
-    seed: int = 0,
-    threads: int | None = None,
-    **input_kwargs,
-) -> list[float]:
-    """Relative error of ONNX Runtime (CPU) against the PyTorch stage, per batch size."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    errors = []
-    for batch in batch_sizes:
-        feeds = signature.sample_inputs(batch, rng, **input_kwargs)
-        with torch.no_grad():
-            expected = module(*to_torch(feeds, signature)).numpy()
-        (got,) = session.run(signature.output_names, feeds)
-        if got.shape != expected.shape:
-            raise ExportError(
-                f"{signature.name}: ONNX output shape {got.shape} != reference {expected.shape} at batch {batch}"
-            )
-        errors.append(relative_error(got, expected))
-    return errors

@@ -4,7 +4,7 @@ directory in MinImagen's layout."""
 import json
 from pathlib import Path
 
-from bench.presets import minimagen_imagen_params
+from imagen.reference.minimagen import minimagen_imagen_params
 
 # The tiny trained run shared by the session (conftest.py's `tiny_run`) and the training tests.
 TINY = dict(

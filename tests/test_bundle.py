@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from imagen.runtime import Pipeline, load_bundle
-from imagen.runtime import backends as backends_module
+from imagen.runtime.backends import cuda as environment_module
+from imagen.runtime.backends import tensorrt as tensorrt_module
 from imagen.runtime.contract import Manifest
 from imagen.runtime.errors import BackendError, BundleError
 
@@ -194,12 +195,12 @@ def no_engines(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an engine or session was created")
 
-    monkeypatch.setattr(backends_module, "TensorRTBackend", refuse)
+    monkeypatch.setattr(tensorrt_module, "TensorRTBackend", refuse)
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
 
 
 def _fake_gpu(monkeypatch, capability: str, version: str):
-    monkeypatch.setattr(backends_module, "tensorrt_environment", lambda: (None, None, capability, version))
+    monkeypatch.setattr(environment_module, "tensorrt_environment", lambda: (None, None, capability, version))
 
 
 @pytest.mark.parametrize("capability,version", [("8.9", "10.3.0"), ("9.0", "10.0.1"), ("8.6", "8.6.1")])
@@ -237,7 +238,7 @@ def test_auto_backend_falls_back_to_onnxruntime_on_a_mismatch(bundle_fp32, tmp_p
     shutil.copytree(bundle_fp32, root)
     with_engines(root, "9.0", "10.3.0")
     _fake_gpu(monkeypatch, "8.0", "10.3.0")
-    monkeypatch.setattr(backends_module, "TensorRTBackend", lambda *a, **k: pytest.fail("engine deserialised"))
+    monkeypatch.setattr(tensorrt_module, "TensorRTBackend", lambda *a, **k: pytest.fail("engine deserialised"))
     pipe = Pipeline.load(root, backend="auto", threads=1)
     assert pipe.backend_name == "onnxruntime"
     assert pipe("a red circle", steps=1, seed=0).info[0]["backend"] == "onnxruntime"

@@ -12,9 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from imagen.reference.checkpoint import CheckpointError, load_minimagen_run, load_run
+from imagen.export.parity import relative_error
+from imagen.reference.checkpoint import CheckpointError, load_run
 from imagen.reference.imagen import cast_unet_config
 from imagen.reference.images import to_uint8
+from imagen.reference.minimagen import load_minimagen_run
 from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.unet import Unet, UnetConfig
 
@@ -356,11 +358,6 @@ def three_pipe(three):
     return Pipeline.load(three[1], backend="onnxruntime", threads=1)
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def psnr(a, b) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
@@ -385,7 +382,7 @@ def both(run_dir, pipe, seed, **kwargs):
 def check_parity(label, finals, steps, expected_steps):
     (ours, theirs), (our_steps, ref_steps) = finals, steps
     assert [s[:3] for s in our_steps] == [s[:3] for s in ref_steps] and len(our_steps) == expected_steps
-    errors = [rel(x, y) for (*_, x), (*_, y) in zip(our_steps, ref_steps)]
+    errors = [relative_error(x, y) for (*_, x), (*_, y) in zip(our_steps, ref_steps)]
     worst = {u: max(e for (v, *_), e in zip(our_steps, errors) if v == u) for u in range(3)}
     diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
     value, over_one = psnr(ours, theirs), float(np.mean(diff > 1))

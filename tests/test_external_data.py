@@ -16,12 +16,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
-from bench.workload import default_run_dir, same_run
 from imagen.export import cli as cli_module
 from imagen.export.bundle import export_bundle, run_source
-from imagen.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportError, convert_fp16, external_data_files
+from imagen.export.errors import ExportError
+from imagen.export.external_data import EXTERNAL_DATA_THRESHOLD, external_data_files
+from imagen.export.fp16 import convert_fp16
 from imagen.runtime import Pipeline, load_bundle
-from imagen.runtime.contract import Source, run_config_sha256
+from imagen.runtime.contract import run_config_sha256
 from imagen.runtime.errors import BundleError
 
 from bundles import external_data_model
@@ -170,13 +171,13 @@ def test_external_data_files_are_named_by_the_model_not_guessed(tmp_path):
 
 def test_threshold_and_source_path_options_reach_the_export(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(cli_module, "export_bundle", lambda ckpt, out, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(cli_module, "export_bundle", lambda ckpt, out, options, **kwargs: calls.append(options))
     runner = CliRunner()
     base = ["--ckpt", str(tmp_path), "--out", str(tmp_path / "b"), "--quiet"]
     assert runner.invoke(cli_module.main, base).exit_code == 0
     forced = base + ["--external-data-threshold", "0", "--record-source-path"]
     assert runner.invoke(cli_module.main, forced).exit_code == 0
-    assert [(c["external_data_threshold"], c["record_source_path"]) for c in calls] == [
+    assert [(c.external_data_threshold, c.record_source_path) for c in calls] == [
         (EXTERNAL_DATA_THRESHOLD, False),
         (0, True),
     ]
@@ -222,19 +223,3 @@ def test_minimagen_config_hash_is_its_parameter_files_in_sorted_order(tmp_path, 
     assert run_config_sha256(params.parent) == expected
     (params / "unet_1_params_1.json").write_bytes(b'{"dim": 5}')
     assert run_config_sha256(params.parent) != expected
-
-
-def test_benchmark_tells_the_same_run_by_its_config_hash(bundle_fp32, tiny_run, tmp_path):
-    source = load_bundle(bundle_fp32).manifest.source
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_bytes((tiny_run / "config.json").read_bytes() + b" ")
-    assert same_run(source, tiny_run) is True and same_run(source, other) is False
-    assert same_run(Source(checkpoint=str(tiny_run)), tiny_run) is True  # bundles written before the hash
-    assert same_run(Source(weights="latest"), tiny_run) is None
-    copy = tmp_path / "bundle"
-    copy.mkdir()
-    manifest = manifest_of(bundle_fp32)
-    manifest["source"]["checkpoint"] = str(tiny_run.resolve())
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert default_run_dir(copy) == tiny_run.resolve()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("imagen", "reference", "export", "runtime", "shapes", "bench", "tests")
+FOLDERS = ("imagen", "reference", "export", "runtime", "shapes", "bench", "tests", "tools")
 MAX_LINES = 450
 
 

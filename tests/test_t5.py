@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from imagen.export.bundle import TOLERANCE
 from imagen.export.cli import main as export_cli
-from imagen.export.onnx_export import TextEncoderStage, export_stage, measure_parity
+from imagen.export.onnx_export import TextEncoderStage, export_stage
+from imagen.export.parity import measure_parity
 from imagen.reference.text_encoder import (
     OLD_TOKENIZER_FILE,
     TOKENIZER_FILE,

@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from imagen.reference.checkpoint import CheckpointError, load_minimagen_run, load_run
+from imagen.reference.checkpoint import CheckpointError, load_run
 from imagen.reference.cli import main as train_cli
 from imagen.reference.data import DataError, FolderData
+from imagen.reference.minimagen import load_minimagen_run
 from imagen.reference.text_encoder import TextEncoder
 from imagen.reference.train import TrainConfig, train
 
@@ -153,7 +154,7 @@ def test_pickled_pth_is_refused(tmp_path):
     import datetime
     import pickle
 
-    from imagen.reference.checkpoint import read_pth
+    from imagen.reference.minimagen import read_pth
 
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"weight": datetime.date(2020, 1, 1)}))  # needs pickle's globals

@@ -7,16 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from imagen.export.parity import relative_error
 from imagen.runtime.guidance import apply_guidance, dynamic_threshold
 from imagen.runtime.images import resize_image
 from imagen.runtime.samplers import run_sampler, spaced_timesteps
 from imagen.runtime.schedule import Schedule
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 # Schedule
 
@@ -168,8 +163,8 @@ def test_sampler_matches_reference_every_step(sampler, steps, eta):
     assert len(ours) == len(theirs) == steps
     for (i, t, x), (j, u, y) in zip(ours, theirs, strict=False):
         assert (i, t) == (j, u) and x.dtype == np.float32
-        assert rel(x, y) <= 1e-5, (sampler, i, t, rel(x, y))
-    assert rel(out, ref_out.numpy()) <= 1e-5
+        assert relative_error(x, y) <= 1e-5, (sampler, i, t, relative_error(x, y))
+    assert relative_error(out, ref_out.numpy()) <= 1e-5
     # both drew the same number of noise arrays
     assert gen_a.bit_generator.state == gen_b.bit_generator.state
 

@@ -18,6 +18,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from imagen.export.parity import relative_error
 from imagen.reference import guidance as reference_guidance
 from imagen.reference import images as reference_images
 from imagen.reference import samplers as reference_samplers
@@ -35,11 +36,6 @@ SIDES = ("reference", "runtime")
 TOLERANCE = 1e-5
 # diffusers' DPM-Solver set_timesteps turns a torch tensor into a NumPy array the NumPy 2 way it warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def optimal_denoiser(mean, std, dtype=np.float64):
@@ -103,7 +99,7 @@ def in_float64(scheduler):
 
 def worst_step_error(ours, theirs) -> float:
     assert len(ours) == len(theirs)
-    return max(rel(a, b) for a, b in zip(ours, theirs, strict=True))
+    return max(relative_error(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 @pytest.fixture

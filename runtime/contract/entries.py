@@ -112,8 +112,8 @@ class ScheduleEntry:
 class TensorRTEntry:
     """Engines built on and for one GPU kind and TensorRT version. What the build measured is optional
     (absent in bundles written before it, and written only when set): the GPU's name, whether the
-    engines are version-compatible (runnable by the lean runtime and later TensorRT of the same major
-    version), and each engine's largest relative error against ONNX Runtime (CPU) with its tolerance."""
+    engines are version-compatible (runnable by the lean runtime of the same TensorRT version), and
+    each engine's largest relative error against ONNX Runtime (CPU) with its tolerance."""
 
     dir: str
     compute_capability: str

@@ -74,13 +74,6 @@ class StageSignature:
             "batch": {"min": self.batch_min, "opt": self.batch_opt, "max": self.batch_max},
         }
 
-    def profile(self) -> dict[str, tuple[tuple, tuple, tuple]]:
-        """min/opt/max shape per input, for a TensorRT optimization profile."""
-        return {
-            s.name: (s.concrete(self.batch_min), s.concrete(self.batch_opt), s.concrete(self.batch_max))
-            for s in self.inputs
-        }
-
     def sample_inputs(
         self, batch: int, rng: np.random.Generator, *, vocab_size: int = 259, timesteps: int = 1000
     ) -> dict[str, np.ndarray]:
