@@ -1,31 +1,11 @@
-"""The benchmark suite: the cascade's performance targets, measured side by side in one run.
+"""Benchmarks: two suites whose ratios are measured side by side in one run, and the tools beside them.
 
-    python -m bench                                   # the demo bundle, every section
-    python -m bench --run runs/demo --bundle runtime/demo --out docs/benchmarks.md
-    python -m bench --quick --sections 2,5            # tiny sizes and counts (a smoke run)
+    python -m bench            # the CPU suite (bench/cpu/), sections 1 to 5: ONNX Runtime on the CPU
+    python -m bench.gpu        # the GPU suite (bench/gpu/), sections 6 to 9: one NVIDIA GPU, or a smoke run
+    python -m bench.cpu.presets       # MinImagen's Base and Super presets exported and run (CPU)
+    python -m bench.serve_load --url http://127.0.0.1:8000   # a bounded load on an imagen-serve of this machine
 
-Sections, one module each, each a function returning a dict:
-
-1. `reference_vs_runtime`: PyTorch eager reference vs the runtime, same sampler, steps,
-   batch and noise: wall time per image and the ratio (target: runtime >= 2.0x faster).
-2. `engine_efficiency`: this machine's GEMM rate (NumPy and an ONNX Runtime MatMul), each
-   Unet engine's achieved FLOP rate at batch 2 (cond + uncond) as a share of it (target:
-   >= 75% for a 64x64 dim-64 base Unet), and ONNX Runtime session options compared on
-   that Unet.
-3. `outside_engine`: time outside engine calls (tokenizer, NumPy loop, resize, PNG) as a
-   share of a request (target: <= 3%).
-4. `steps_vs_quality`: `imagen-eval`'s exact-match rate and images/second per sampler and
-   step count (target: DPM-Solver++ at 25 steps within 2 points of full DDPM).
-5. `memory`: peak resident memory and cold start (import + load) of the runtime, each in
-   a fresh process (targets: <= 400 MB, <= 1.5 s).
-
-Around them: `machine` (what the numbers were measured on), `timing` (timers, GEMM probes,
-ONNX Runtime sessions), `workload` (prompts and every call the sections make into the
-runtime), `suite` (runs the chosen sections), `report` (the Markdown) and `__main__` (the
-command line). With `--out FILE` the report replaces the part of FILE between
-`<!-- bench:start -->` and `<!-- bench:end -->` (or is appended, with the markers, when FILE
-has none), so hand-written text around it stays.
-
-The sections use only the runtime's public API: `Pipeline.load`, `Pipeline.settings`,
-`Pipeline.bundle`, a request's `info[i]["timings"]`, and `imagen.runtime.bundle.load_bundle`.
+Shared by both suites: `machine` (what the numbers were measured on), `prompts` (the requests they
+send) and `markdown` (numbers and tables in the reports). The suites' section numbers do not
+overlap, so a section number names one measurement.
 """

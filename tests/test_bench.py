@@ -1,13 +1,28 @@
-"""Smoke test of the benchmark suite (the `bench` package): quick mode on the tiny bundle, every
-section present with finite numbers and a Markdown report between the markers. No timing
-assertions: this machine's speed is not what the test is about."""
+"""The bench itself (bench/): the CPU suite's smoke run in quick mode on the tiny bundle, every
+section present with finite numbers and a Markdown report between the markers; the suites'
+section numbers and commands; how the bench finds the run a bundle came from; the serving load
+generator's guards. No timing assertions: this machine's speed is not what the test is about.
+The GPU suite has its own file (test_bench_gpu.py)."""
 
+import base64
+import io
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bench.__main__ import main
-from bench.report import END, START, write_report
+from bench.cpu.report import END, START, write_report
+from bench.cpu.suite import SECTIONS as CPU_SECTIONS
+from bench.cpu.workload import default_run_dir, same_run
+from bench.gpu.suite import SECTIONS as GPU_SECTIONS
+from imagen.runtime import load_bundle
+from imagen.runtime.contract import Source
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _numbers(value, path=""):
@@ -110,3 +125,66 @@ def test_section_one_is_skipped_without_a_run(bundle_fp32, tmp_path):
         ]
     )
     assert "skipped" in results["sections"]["1"]
+
+
+def test_benchmark_tells_the_same_run_by_its_config_hash(bundle_fp32, tiny_run, tmp_path):
+    source = load_bundle(bundle_fp32).manifest.source
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_bytes((tiny_run / "config.json").read_bytes() + b" ")
+    assert same_run(source, tiny_run) is True and same_run(source, other) is False
+    assert same_run(Source(checkpoint=str(tiny_run)), tiny_run) is True  # bundles written before the hash
+    assert same_run(Source(weights="latest"), tiny_run) is None
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    manifest = json.loads((bundle_fp32 / "manifest.json").read_text())
+    manifest["source"]["checkpoint"] = str(tiny_run.resolve())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert default_run_dir(copy) == tiny_run.resolve()
+
+
+def test_the_suites_section_numbers_do_not_clash():
+    gpu = [6, *map(int, GPU_SECTIONS)]  # 6: the environment, always measured
+    assert list(CPU_SECTIONS) == [1, 2, 3, 4, 5] and gpu == [6, 7, 8, 9]
+    assert not set(CPU_SECTIONS) & set(gpu)
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.cpu", "bench.gpu", "bench.cpu.presets", "bench.serve_load"])
+def test_the_documented_commands_start(module):
+    """Each `python -m ...` that the docs name answers --help (no section runs)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m {'bench' if module == 'bench.cpu' else module}")
+
+
+def test_tests_import_bench_only_to_test_it():
+    """Only the bench's own tests import it: test data lives in the tests or in the package."""
+    importing = sorted(
+        path.name
+        for path in (REPO / "tests").glob("*.py")
+        if any(line.lstrip().startswith(("import bench", "from bench")) for line in path.read_text().splitlines())
+    )
+    assert importing == ["test_bench.py", "test_bench_gpu.py"]
+
+
+def test_load_generator_loads_only_this_machine_and_checks_every_png():
+    from PIL import Image
+
+    from bench.serve_load import classify, loopback_url
+
+    assert loopback_url("http://127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert loopback_url("http://localhost:9") == ("localhost", 9)
+    assert loopback_url("http://[::1]:80/") == ("::1", 80)
+    for url in ("http://10.0.0.1:8000", "http://example.com", "https://127.0.0.1:8000", "http://0.0.0.0:1"):
+        with pytest.raises(ValueError):
+            loopback_url(url)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    answer = json.dumps({"data": [{"b64_json": png}]}).encode()
+    assert classify(200, answer, 1, 16) == "ok"
+    assert classify(200, answer, 2, 16) == "lost" and classify(200, answer, 1, 32) == "lost"
+    cut = base64.b64encode(buffer.getvalue()[:40]).decode()  # the signature and header, no pixels
+    assert classify(200, json.dumps({"data": [{"b64_json": cut}]}).encode(), 1, 16) == "lost"
+    assert classify(None, b"", 1, 16) == "lost"
+    assert (classify(429, b"", 1, 16), classify(503, b"", 1, 16), classify(500, b"", 1, 16)) == ("429", "503", "errors")

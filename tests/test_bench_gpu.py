@@ -1,4 +1,4 @@
-"""`python -m bench.gpu` (bench/gpu.py): on a machine without CUDA, the smoke run end to end on the
+"""`python -m bench.gpu` (bench/gpu/): on a machine without CUDA, the smoke run end to end on the
 session's tiny run and bundle (the environment, the NumPy loop's measured share outside engine
 calls, its parity with ONNX Runtime, a reason for every GPU row, the JSON); the device loop's code
 path with array-api-strict standing in for CuPy; the child process stopped at its time limit.
@@ -11,10 +11,10 @@ import math
 
 import pytest
 
-from bench.gpu import main, run_child
-from bench.gpu_cascade import SMOKE_SIZES
-from bench.gpu_env import cuda_reason, cupy_reason
-from bench.gpu_loop import loop_section
+from bench.gpu.cascade import SMOKE_SIZES
+from bench.gpu.env import cuda_reason, cupy_reason
+from bench.gpu.loop import loop_section
+from bench.gpu.suite import main, run_child
 
 NO_CUDA = cuda_reason()
 
@@ -60,7 +60,7 @@ def test_cpu_smoke_run_reports_the_numpy_loop_and_why_gpu_rows_are_missing(smoke
     engines = results["sections"]["engines"]
     assert engines["rows"] == {} and len(engines["reasons"]) == 2
     for line in (
-        "#### 1. Environment",
+        "#### 6. Environment",
         "| GPU | none: ",
         "| tensorrt |",
         "NumPy loop (torch Unet, feeds copied to its device and back)",

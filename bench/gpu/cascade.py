@@ -25,8 +25,8 @@ SCAFFOLD_ATTENTION = (False, True)  # as the tests' tiny run: attention at the i
 
 @dataclass
 class Sizes:
-    """The sizes of one run. Section 2's Unet is `unet` at `dim` and `image_size`; on a GPU the
-    cascade of section 3 runs it as its first Unet and `super_unet` at `super_dim` as its second."""
+    """The sizes of one run. Section 7's Unet is `unet` at `dim` and `image_size`; on a GPU the
+    cascade of section 8 runs it as its first Unet and `super_unet` at `super_dim` as its second."""
 
     unet: str = "Base"  # a preset of imagen.reference.unet (MinImagen's Base: 4 levels, attention at 3)
     dim: int = 256

@@ -5,8 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..machine import machine, physical_cores
 from .engine_efficiency import engine_efficiency
-from .machine import machine, physical_cores
 from .memory import memory_and_cold_start
 from .outside_engine import outside_engine
 from .reference_vs_runtime import reference_vs_runtime

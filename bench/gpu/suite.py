@@ -1,23 +1,5 @@
-"""`python -m bench.gpu`: the cascade on one NVIDIA GPU, in one call of a few minutes, with models it
-makes itself (random weights; nothing is downloaded).
-
-    python -m bench.gpu --json gpu.json            # on a GPU machine: about 5 minutes (--budget-s 420)
-    python -m bench.gpu --smoke                     # tiny sizes; without CUDA this is what runs anyway
-    python -m bench.gpu --run RUN --bundle BUNDLE   # a run and the bundle exported from it, instead of the scaffold
-
-1. The environment: date, GPU, compute capability, driver and CUDA versions, torch, CuPy,
-   onnxruntime and its providers, tensorrt and tensorrt_lean (gpu_env.py).
-2. The PyTorch reference on CUDA: eager FP32, FP16 autocast, torch.compile (compile time apart), per
-   image and per Unet call (gpu_reference.py).
-3. The runtime's sampling loop in CuPy against NumPy, the reference Unet as engine: parity and the
-   time outside engine calls (target: <= 3% of a request on the GPU) (gpu_loop.py).
-4. TensorRT FP16 and ONNX Runtime's CUDA provider on the same Unet, or why not (gpu_engines.py).
-
-Without CUDA it is a smoke run (tiny sizes, NumPy loop against ONNX Runtime, a reason for every GPU
-row). torch.compile and the engines run in child processes stopped when the budget runs out; the
-bench reads GPU settings and never changes them. Markdown goes to stdout, progress to stderr,
-and `--json FILE` is rewritten after every section, so a run stopped from outside keeps its part.
-"""
+"""`python -m bench.gpu`'s run: the environment (section 6), then sections 7 to 9 in order within one
+time budget, torch.compile and the engines in child processes stopped when the budget runs out."""
 
 import argparse
 import dataclasses
@@ -30,32 +12,34 @@ import time
 import traceback
 from pathlib import Path
 
-from .gpu_cascade import GPU_SIZES, SMOKE_SIZES, Sizes, scaffold
-from .gpu_env import cuda_reason, cupy_reason, environment
-from .gpu_report import render
+import bench.gpu
 
-REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("2", "3", "4")
+from .cascade import GPU_SIZES, SMOKE_SIZES, Sizes, scaffold
+from .env import cuda_reason, cupy_reason, environment
+from .report import render
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("7", "8", "9")  # after the CPU suite's 1 to 5; 6 is the environment, always measured
 CHILD_PREFIX = "BENCH"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=bench.gpu.__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and counts (automatic without CUDA)")
     parser.add_argument(
         "--budget-s", type=float, default=None, help="seconds for the whole run (default 420; smoke 120)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON (after every section)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="of 2,3,4 (the environment always)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="of 7,8,9 (the environment, 6, always)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/imagen-bench-gpu"), help="scaffold and engine files")
-    parser.add_argument("--run", type=Path, default=None, help="section 3: a run directory (with --bundle)")
-    parser.add_argument("--bundle", type=Path, default=None, help="section 3: the bundle exported from --run")
-    parser.add_argument("--no-compile", action="store_true", help="section 2: leave out torch.compile")
+    parser.add_argument("--run", type=Path, default=None, help="section 8: a run directory (with --bundle)")
+    parser.add_argument("--bundle", type=Path, default=None, help="section 8: the bundle exported from --run")
+    parser.add_argument("--no-compile", action="store_true", help="section 7: leave out torch.compile")
     parser.add_argument("--compile-precision", default="fp16", choices=["fp16", "fp32"])
     parser.add_argument("--loop-precision", default=None, choices=["fp16", "fp32"], help="default: fp16 on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
     parser.add_argument("--seed", type=int, default=0)
-    sizes = parser.add_argument_group("sizes (fields of bench.gpu_cascade.Sizes)")
+    sizes = parser.add_argument_group("sizes (fields of bench.gpu.cascade.Sizes)")
     for field in dataclasses.fields(Sizes):
         gpu, smoke = getattr(GPU_SIZES, field.name), getattr(SMOKE_SIZES, field.name)
         flag, kind = "--" + field.name.replace("_", "-"), type(gpu)
@@ -109,11 +93,11 @@ def child_main(kind: str, payload: str) -> None:
     sizes = Sizes(**spec["sizes"])
     try:
         if kind == "compile":
-            from .gpu_reference import compile_child
+            from .reference import compile_child
 
             out = compile_child(sizes, spec["device"], spec["precision"])
         else:
-            from .gpu_engines import engines_child
+            from .engines import engines_child
 
             out = engines_child(sizes, Path(spec["work"]))
     except Exception as error:  # reported as the row's reason
@@ -127,8 +111,8 @@ def failed(error: Exception) -> dict:
 
 
 def reference(ctx) -> dict:
-    """Section 2: eager rows here, torch.compile in a child given what is left of the budget."""
-    from .gpu_reference import reference_section
+    """Section 7: eager rows here, torch.compile in a child given what is left of the budget."""
+    from .reference import reference_section
 
     section = reference_section(ctx.sizes, ctx.device, say=ctx.say)
     if ctx.cuda_reason:
@@ -142,14 +126,14 @@ def reference(ctx) -> dict:
 
 
 def add_compile_row(ctx) -> None:
-    """The torch.compile row of section 2, last of all: it is the longest and the least predictable."""
+    """The torch.compile row of section 7, last of all: it is the longest and the least predictable."""
     section, left = ctx.results["sections"]["reference"], ctx.budget.left() - 15
     name = f"torch.compile ({ctx.args.compile_precision.upper()} autocast)"
     if left < 60:
         section["reasons"][name] = f"skipped: {max(0.0, left):.0f} s of the budget left"
         return
     release_gpu_memory()
-    ctx.say(f"section 2: {name}, in a child process (up to {left:.0f} s)")
+    ctx.say(f"section 7: {name}, in a child process (up to {left:.0f} s)")
     payload = {"sizes": ctx.sizes.to_dict(), "device": ctx.device, "precision": ctx.args.compile_precision}
     row = run_child("compile", payload, left)
     if "reason" in row:
@@ -160,10 +144,10 @@ def add_compile_row(ctx) -> None:
 
 
 def loop(ctx) -> dict:
-    """Section 3: on CUDA the NumPy and CuPy loops on bench-size Unets; else NumPy and ONNX Runtime."""
+    """Section 8: on CUDA the NumPy and CuPy loops on bench-size Unets; else NumPy and ONNX Runtime."""
     from imagen.runtime.errors import NonFiniteError
 
-    from .gpu_loop import loop_section
+    from .loop import loop_section
 
     args = ctx.args
     run_dir, bundle_dir = args.run, args.bundle
@@ -189,8 +173,8 @@ def loop(ctx) -> dict:
 
 
 def engines(ctx) -> dict:
-    """Section 4: a child process when TensorRT or ONNX Runtime's CUDA provider is usable."""
-    from .gpu_engines import engine_reasons
+    """Section 9: a child process when TensorRT or ONNX Runtime's CUDA provider is usable."""
+    from .engines import engine_reasons
 
     every = engine_reasons()
     reasons = {name: reason for name, reason in every.items() if reason is not None}
@@ -201,7 +185,7 @@ def engines(ctx) -> dict:
         skipped = f"skipped: {max(0.0, left):.0f} s of the budget left"
         return {"rows": {}, "reasons": {name: reason or skipped for name, reason in every.items()}}
     release_gpu_memory()
-    ctx.say(f"section 4: export and engines, in a child process (up to {left:.0f} s)")
+    ctx.say(f"section 9: export and engines, in a child process (up to {left:.0f} s)")
     out = run_child("engines", {"sizes": ctx.sizes.to_dict(), "work": str(ctx.args.work / "engines")}, left)
     if "reason" in out:
         return {"rows": {}, "reasons": {**reasons, "engines": out["reason"]}, "traceback": out.get("traceback")}
@@ -269,7 +253,7 @@ def measure_section(ctx, number: str, key: str, measure) -> None:
 
 
 def run(args, argv) -> dict:
-    """The environment, sections 2 and 3, the compile row (the longest and least predictable), section 4."""
+    """The environment, sections 7 and 8, the compile row (the longest and least predictable), section 9."""
     ctx = make_context(args, argv)
     if ctx.device == "cpu" and args.threads:
         import torch
@@ -278,21 +262,21 @@ def run(args, argv) -> dict:
     ctx.results["environment"] = environment()
     ctx.save()
     wanted = [s.strip() for s in args.sections.split(",")]
-    for number, key, measure in (("2", "reference", reference), ("3", "loop", loop)):
+    for number, key, measure in (("7", "reference", reference), ("8", "loop", loop)):
         if number in wanted:
             measure_section(ctx, number, key, measure)
     if ctx.pending_compile:
         add_compile_row(ctx)
         ctx.save()
-    if "4" in wanted:
-        measure_section(ctx, "4", "engines", engines)
+    if "9" in wanted:
+        measure_section(ctx, "9", "engines", engines)
     ctx.results["targets"] = targets(ctx.results["sections"])
     ctx.save()
     return ctx.results
 
 
 def targets(sections: dict) -> list[dict]:
-    from .gpu_engines import speedup_target
+    from .engines import speedup_target
 
     found = [sections.get("loop", {}).get("target")]
     found.append(speedup_target(sections.get("engines", {}), sections.get("reference", {})))
@@ -308,7 +292,3 @@ def main(argv=None) -> dict:
     results = run(args, argv)
     print(render(results), flush=True)
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,7 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 
 # The experiments open their own sessions rather than the runtime's: the options below are what
-# they vary, and the runtime's session policy (runtime/backends.py) is the one variant they compare.
+# they vary, and the runtime's session policy (runtime/backends/onnxruntime.py) is the one variant they compare.
 def ort_session(
     path,
     threads: int,

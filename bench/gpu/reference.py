@@ -1,4 +1,4 @@
-"""Section 2: the PyTorch reference on CUDA, eager FP32, FP16 autocast and torch.compile.
+"""Section 7: the PyTorch reference on CUDA, eager FP32, FP16 autocast and torch.compile.
 
 One request is the reference's own sampling of the first Unet (`GuidedDenoiser` and
 `run_sampler` of imagen.reference, DPM-Solver++(2M)) on the device: `batch` images, `steps`
@@ -6,14 +6,14 @@ Unet calls of 2 x batch rows (cond + uncond). The Unet is a random-weight `sizes
 `sizes.dim` and `sizes.image_size`; text embeddings are random. Times are wall seconds with
 torch.cuda.synchronize() before the clock stops, best of `repeats` after a warm-up. Besides the
 whole request, one Unet call at 2 x batch rows is timed alone (median), the unit the TensorRT and
-ONNX Runtime rows of section 4 are compared in. torch.compile runs in a child process
-(gpu.py's `run_child`), so a compile that outlasts the budget is stopped without stopping the bench.
+ONNX Runtime rows of section 9 are compared in. torch.compile runs in a child process
+(suite.py's `run_child`), so a compile that outlasts the budget is stopped without stopping the bench.
 """
 
 import statistics
 import time
 
-from .gpu_cascade import autocast, bench_unet, parameter_count, unet_flops
+from .cascade import autocast, bench_unet, parameter_count, unet_flops
 
 PRECISIONS = {"eager FP32": "fp32", "FP16 autocast": "fp16"}
 
@@ -140,7 +140,7 @@ def reference_section(sizes, device: str, *, precisions=PRECISIONS, say=print) -
         if precision == "fp16" and torch.device(device).type != "cuda":
             reasons[name] = "FP16 autocast is measured on CUDA only"
             continue
-        say(f"section 2: {name}")
+        say(f"section 7: {name}")
         rows[name] = time_variant(request, unet, precision, info["flops_per_row"])
     del unet, request
     if torch.device(device).type == "cuda":

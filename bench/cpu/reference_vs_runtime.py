@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..prompts import prompts_for
 from .timing import interleaved
-from .workload import bundle_source, generate, load_pipeline, prompts_for, resolve_settings, same_run, warm
+from .workload import bundle_source, generate, load_pipeline, resolve_settings, same_run, warm
 
 TARGET_SPEEDUP = 2.0
 

@@ -2,7 +2,7 @@
 either measured or a line saying why not. Ready to paste under "GPU (python -m bench.gpu)" in
 docs/benchmarks.md (its headings start at level 3)."""
 
-from .report import _fmt, _table
+from ..markdown import fmt, table
 
 LOOPS = {
     "numpy": "NumPy loop (torch Unet, feeds copied to its device and back)",
@@ -10,9 +10,9 @@ LOOPS = {
     "onnxruntime": "NumPy loop, ONNX Runtime (CPU) Unets of the bundle",
 }
 TITLES = {
-    "reference": "2. Reference on CUDA (PyTorch)",
-    "loop": "3. Sampling loop: CuPy against NumPy",
-    "engines": "4. TensorRT and ONNX Runtime on the GPU",
+    "reference": "7. Reference on CUDA (PyTorch)",
+    "loop": "8. Sampling loop: CuPy against NumPy",
+    "engines": "9. TensorRT and ONNX Runtime on the GPU",
 }
 
 
@@ -34,7 +34,7 @@ def _cuda_line(env: dict) -> str:
     api = f", driver CUDA API {api // 1000}.{api % 1000 // 10}" if api else ""
     return (
         f"driver {gpu['driver'] or 'unknown (no nvidia-smi)'}{api}; torch built for CUDA {gpu['torch_cuda']}, "
-        f"cuDNN {gpu['cudnn']}; TF32 matmul {_fmt(gpu['tf32_matmul'])}, TF32 cuDNN {_fmt(gpu['tf32_cudnn'])} "
+        f"cuDNN {gpu['cudnn']}; TF32 matmul {fmt(gpu['tf32_matmul'])}, TF32 cuDNN {fmt(gpu['tf32_cudnn'])} "
         "(torch's settings, not changed)"
     )
 
@@ -54,7 +54,7 @@ def environment_part(env: dict) -> list[str]:
         ["tensorrt", env["tensorrt"]],
         ["tensorrt_lean", env["tensorrt_lean"]],
     ]
-    return ["#### 1. Environment", "", *_table(["", ""], rows)]
+    return ["#### 6. Environment", "", *table(["", ""], rows)]
 
 
 def _reasons(reasons: dict) -> list[str]:
@@ -65,7 +65,7 @@ def _reasons(reasons: dict) -> list[str]:
 def _unet_line(unet: dict) -> str:
     return (
         f"{unet['preset']} dim {unet['dim']} at {unet['image_size']}x{unet['image_size']}, "
-        f"{_fmt(unet['parameters'] / 1e6)} M parameters, {_fmt(unet['flops_per_row'] / 1e9)} GFLOP per row"
+        f"{fmt(unet['parameters'] / 1e6)} M parameters, {fmt(unet['flops_per_row'] / 1e9)} GFLOP per row"
     )
 
 
@@ -90,7 +90,7 @@ def reference_part(section: dict) -> list[str]:
     ]
     if rows:
         columns = ["variant", "s / image (request)", "ms / Unet call", "Unet s / image", "TFLOP/s", "compile s"]
-        lines += _table(columns, rows)
+        lines += table(columns, rows)
     return lines + _reasons(section["reasons"])
 
 
@@ -106,10 +106,10 @@ def loop_part(section: dict) -> list[str]:
     columns = ["loop", "total s", "engine s", "outside s", "outside %", "engine calls", "ms / call in / out"]
     rows = [
         [LOOPS.get(name, name), r["total_s"], r["engine_s"], r["outside_s"], f"{r['outside_percent']:.2f}%"]
-        + [r["engine_calls"], f"{_fmt(r['engine_ms_per_call'])} / {_fmt(r['outside_ms_per_call'])}"]
+        + [r["engine_calls"], f"{fmt(r['engine_ms_per_call'])} / {fmt(r['outside_ms_per_call'])}"]
         for name, r in section["loops"].items()
     ]
-    lines += _table(columns, rows)
+    lines += table(columns, rows)
     for p in section["parity"]:
         lines.append(
             f"- Parity {p['a']} vs {p['b']}: final x max abs difference {p['max_abs_x']:.3g}; uint8 images "
@@ -120,17 +120,17 @@ def loop_part(section: dict) -> list[str]:
 
 def engines_part(section: dict) -> list[str]:
     rows = [[name, r["unet_call_ms"], r["unet_s_per_image"], r["setup_s"]] for name, r in section["rows"].items()]
-    lines = _table(["engine", "ms / Unet call", "Unet s / image", "export-to-ready s"], rows) if rows else []
+    lines = table(["engine", "ms / Unet call", "Unet s / image", "export-to-ready s"], rows) if rows else []
     return lines + _reasons(section["reasons"])
 
 
 def _targets(results: dict) -> list[str]:
     rows = [
-        [t["what"], f"{_fmt(t['value'])} {t['unit']}", t["goal"], "n/a" if t["met"] is None else t["met"]]
+        [t["what"], f"{fmt(t['value'])} {t['unit']}", t["goal"], "n/a" if t["met"] is None else t["met"]]
         for t in results.get("targets", [])
         if t is not None
     ]
-    return ["#### Targets", "", *_table(["target", "measured", "goal", "met"], rows)] if rows else []
+    return ["#### Targets", "", *table(["target", "measured", "goal", "met"], rows)] if rows else []
 
 
 def render(results: dict) -> str:

@@ -1,4 +1,4 @@
-"""Section 3: the runtime's sampling loop (`Pipeline.sample`) with the reference Unet as its engine,
+"""Section 8: the runtime's sampling loop (`Pipeline.sample`) with the reference Unet as its engine,
 once in NumPy (feeds copied to the Unet's device and back every call) and once in the device's
 array namespace (CuPy through DLPack on a GPU): how far their images differ, and the time a
 request spends outside engine calls. Target on the GPU: at most 3% of a request.
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .gpu_cascade import DLPackUnetBackend, TorchUnetBackend, bench_unet, parameter_count, unet_flops
-from .workload import prompts_for
+from ..prompts import prompts_for
+from .cascade import DLPackUnetBackend, TorchUnetBackend, bench_unet, parameter_count, unet_flops
 
 TARGET_PERCENT = 3.0
 UNETS = {True: "the run's own (its bundle's ONNX files)", False: "random-weight bench Unets"}
@@ -175,7 +175,7 @@ def loop_section(
     rows, arrays = {}, {}
     for xp in variants:
         name = _variant_name(xp)
-        say(f"section 3: the {name} loop")
+        say(f"section 8: the {name} loop")
         pipe = Pipeline(base.bundle, loop_backends(base, unets, xp, precision), base.tokenizer, name)
         rows[name], arrays[name] = measure_loop(pipe, *request, sizes.repeats)
     first, *others = list(rows)

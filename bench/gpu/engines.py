@@ -1,11 +1,11 @@
-"""Section 4: the first Unet of section 2 as a TensorRT FP16 engine and in ONNX Runtime's CUDA
+"""Section 9: the first Unet of section 7 as a TensorRT FP16 engine and in ONNX Runtime's CUDA
 execution provider, when those are installed and usable; otherwise one reason per row.
 
 The Unet (same preset, width, seed) is exported with the exporter's own `export_stage` (FP32,
 then `convert_fp16` for TensorRT), the engine built with `build_engine` and run with the runtime's
 `TensorRTBackend` (device arrays in and out when CuPy is here), ONNX Runtime through the runtime's
 `OnnxRuntimeBackend` (IO binding; device arrays in and out when CuPy is here). One call at 2 x batch rows is timed
-(median of `calls` after warm-up), the unit of section 2's "ms / Unet call"; target: TensorRT FP16
+(median of `calls` after warm-up), the unit of section 7's "ms / Unet call"; target: TensorRT FP16
 at least 2x faster per image than PyTorch FP16 eager on the same card. Runs in a child process.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .gpu_cascade import bench_unet
-from .gpu_env import onnxruntime_gpu_reason, tensorrt_reason
+from .cascade import bench_unet
+from .env import onnxruntime_gpu_reason, tensorrt_reason
 
 TARGET_SPEEDUP = 2.0
 TENSORRT, ONNXRUNTIME = "TensorRT FP16", "ONNX Runtime CUDA (FP32)"
@@ -76,9 +76,9 @@ def _device_feeds(feeds: dict) -> tuple[dict, object]:
 
 
 def time_tensorrt(path: Path, sizes, feeds: dict, calls: int) -> dict:
-    from imagen.export.onnx_export import convert_fp16
+    from imagen.export.fp16 import convert_fp16
     from imagen.export.tensorrt import build_engine
-    from imagen.runtime.tensorrt_backend import TensorRTBackend
+    from imagen.runtime.backends import TensorRTBackend
 
     start = time.perf_counter()
     half = path.with_name("unet_fp16.onnx")

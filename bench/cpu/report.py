@@ -3,6 +3,8 @@ which puts it between the bench markers of a file and leaves the rest of the fil
 
 from pathlib import Path
 
+from ..markdown import fmt, table
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 TITLES = {
     "1": "Reference vs runtime",
@@ -11,24 +13,6 @@ TITLES = {
     "4": "Steps vs quality",
     "5": "Memory and cold start",
 }
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
-            if abs(value) < 1:
-                return f"{value:.{digits}g}"
-            return f"{value:,.{max(0, digits - 1)}f}".rstrip("0").rstrip(".")
-        return f"{value:.2e}"
-    return str(value)
-
-
-def _table(columns: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def _targets(section: dict) -> list[dict]:
@@ -60,8 +44,8 @@ def _summary(sections: dict) -> list[str]:
         if "skipped" in section:
             rows.append([f"{key}. {title}", "skipped", "", ""])
         for t in _targets(section):
-            rows.append([f"{key}. {t['what']}", _fmt(t["value"]) + t.get("unit", ""), t["goal"], t["met"]])
-    return ["### Targets", ""] + _table(["section", "measured", "target", "met"], rows)
+            rows.append([f"{key}. {t['what']}", fmt(t["value"]) + t.get("unit", ""), t["goal"], t["met"]])
+    return ["### Targets", ""] + table(["section", "measured", "target", "met"], rows)
 
 
 def _reference_vs_runtime(r: dict) -> list[str]:
@@ -89,7 +73,7 @@ def _reference_vs_runtime(r: dict) -> list[str]:
             "weights differ, so do the images (the timings still compare).",
             "",
         ]
-    return lines + _table(
+    return lines + table(
         ["", "s / image"],
         [
             ["reference (PyTorch eager)", r["reference_s_per_image"]],
@@ -109,7 +93,7 @@ def _session_variants(r: dict) -> list[str]:
     ]
     variants = r["session_variants"]
     reference = next((v for v in variants if v["variant"].startswith("ENABLE_ALL (")), variants[0])
-    lines += _table(
+    lines += table(
         [
             "variant",
             "expected",
@@ -164,7 +148,7 @@ def _engine_efficiency(r: dict) -> list[str]:
                     f"{u['percent_of_gemm']:.1f}%",
                 ]
             )
-    lines += _table(["Unet, batch 2", "GFLOP / call (batch 1)", "engine ms", "floor ms", "GFLOP/s", "% of GEMM"], rows)
+    lines += table(["Unet, batch 2", "GFLOP / call (batch 1)", "engine ms", "floor ms", "GFLOP/s", "% of GEMM"], rows)
     return lines + (_session_variants(r) if r["session_variants"] else [])
 
 
@@ -178,7 +162,7 @@ def _outside_engine(r: dict) -> list[str]:
         f"PNG encoding included; {r['engine_calls']} engine calls.",
         "",
     ]
-    return lines + _table(
+    return lines + table(
         ["part", "s", "% of total"],
         [[k, p["seconds"], f"{p['percent']:.2f}%"] for k, p in r["parts"].items()]
         + [["total", r["total_s"], "100%"], ["outside engine calls", r["outside_s"], f"{r['outside_percent']:.2f}%"]],
@@ -196,7 +180,7 @@ def _steps_vs_quality(r: dict) -> list[str]:
         "of its steps.",
         "",
     ]
-    return lines + _table(
+    return lines + table(
         ["sampler", "steps / Unet", "exact match", "images / s"],
         [
             [
@@ -216,11 +200,11 @@ def _memory(r: dict) -> list[str]:
         "",
         f"Fresh processes, {r['config']['threads']} threads; cold start = `import imagen.runtime` + "
         f"`Pipeline.load` (median of {r['config']['repeats']}; the first run "
-        f"{r['cold_start_s']['first']:.3f} s); torch imported: {_fmt(r['torch_imported'])}. Peak RSS is "
+        f"{r['cold_start_s']['first']:.3f} s); torch imported: {fmt(r['torch_imported'])}. Peak RSS is "
         f"the process's VmHWM after generating ({r['config']['generate']}).",
         "",
     ]
-    return lines + _table(
+    return lines + table(
         ["measure", "value"],
         [
             ["import imagen.runtime (s)", r["import_s"]],

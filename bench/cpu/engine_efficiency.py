@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .machine import logical_cpus
+from ..machine import logical_cpus
 from .timing import gemm_rates, ort_session, timed
 from .workload import input_shape, unet_stages
 
@@ -30,7 +30,7 @@ SESSION_VARIANTS = [
     ),
     ("ENABLE_BASIC", dict(level="BASIC"), "5-10% slower: folding, but no NCHWc layout"),
     ("ENABLE_EXTENDED", dict(level="EXTENDED"), "as BASIC: its fusions target transformers"),
-    ("ENABLE_ALL (runtime/backends.py now)", dict(level="ALL"), "the reference row"),
+    ("ENABLE_ALL (runtime/backends/ now)", dict(level="ALL"), "the reference row"),
     (
         "ENABLE_ALL, enable_mem_pattern off",
         dict(level="ALL", mem_pattern=False),
@@ -67,7 +67,8 @@ def build_base_unet(folder: Path, *, dim: int, image_size: int, embed_dim: int, 
     the lower two levels; random weights), exported to ONNX as a bundle stage would be."""
     import torch
 
-    from imagen.export.onnx_export import UnetStage, count_flops, export_stage
+    from imagen.export.onnx_export import UnetStage, export_stage
+    from imagen.export.parity import count_flops
     from imagen.reference.unet import Unet, UnetConfig
     from imagen.runtime.contract import unet_signature
 

@@ -12,7 +12,8 @@ run would take patching the backends, which the bench does not do.
 import io
 import time
 
-from .workload import generate, load_pipeline, prompts_for, resolve_settings, warm
+from ..prompts import prompts_for
+from .workload import generate, load_pipeline, resolve_settings, warm
 
 TARGET_PERCENT = 3.0
 

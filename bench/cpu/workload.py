@@ -6,21 +6,9 @@ from pathlib import Path
 
 from imagen.runtime.contract import run_config_sha256
 
-REPO = Path(__file__).resolve().parent.parent
-PROMPTS = [
-    "a small red circle on the left",
-    "a large blue square at the top",
-    "a green triangle at the bottom",
-    "a small yellow circle on the right",
-    "a large red square",
-    "a blue triangle on the left",
-    "a green circle at the top",
-    "a large yellow triangle",
-]
+from ..prompts import prompts_for
 
-
-def prompts_for(batch: int) -> list[str]:
-    return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_pipeline(bundle, threads: int):

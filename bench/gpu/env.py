@@ -9,7 +9,7 @@ import datetime
 import shutil
 import subprocess
 
-from .machine import machine
+from ..machine import machine
 
 
 def _version(module_name: str) -> str:
@@ -80,8 +80,8 @@ def onnxruntime_gpu_reason() -> str | None:
 def tensorrt_reason() -> str | None:
     """None when the full tensorrt package, cuda-python and a device are here (the runtime's own
     probe), else why not. The lean runtime runs engines but cannot build them."""
+    from imagen.runtime.backends import tensorrt_environment
     from imagen.runtime.errors import BackendError
-    from imagen.runtime.tensorrt_backend import tensorrt_environment
 
     try:
         trt, *_ = tensorrt_environment()

@@ -2,15 +2,15 @@
 the Super Unet 64 -> 256 (dim 128), as `imagen-train --unet Base --unet Super` and the article
 name them, over a T5-small-shaped encoder (d_model 512, 6 layers; random weights, byte tokens).
 
-    python -m bench.presets                      # writes under /tmp/imagen-presets, prints a table
-    python -m bench.presets --work DIR --json results.json --precisions fp32
+    python -m bench.cpu.presets                  # writes under /tmp/imagen-presets, prints a table
+    python -m bench.cpu.presets --work DIR --json results.json --precisions fp32
 
 Steps, each skipped when its output exists (a rerun resumes): parameter counts (meta device, no
 memory); a MinImagen training directory with seeded random weights (parameters/*.json and
 state_dicts/*.pth, as its training script writes them); `export_bundle` of it to an FP32 and an
 FP16 bundle with the default sampler DPM-Solver++(2M), 25 steps, sr_strength 1 (with force: a
 stage over its parity tolerance is written, and the table says so); then one image per bundle
-in a fresh process (as bench/memory.py does): wall time, peak RSS, seconds per stage. Stages
+in a fresh process (as bench/cpu/memory.py does): wall time, peak RSS, seconds per stage. Stages
 over 2 GB are written with ONNX external data.
 """
 
@@ -28,6 +28,7 @@ TEXT_WIDTH = 512  # t5-small's d_model
 MAX_LENGTH = 256  # MinImagen's text length
 TWO_GB = 2**31
 PROMPT = "a small red circle on the left"
+REPO = Path(__file__).resolve().parents[2]  # children run `-m bench.cpu.presets` from here
 
 
 def _peak_rss() -> int:
@@ -82,29 +83,13 @@ def write_text_encoder(folder: Path) -> None:
     TextEncoder(model, ByteTokenizer(MAX_LENGTH)).save(folder)
 
 
-def minimagen_imagen_params(image_sizes: list[int], timesteps: int) -> dict:
-    """MinImagen's imagen_params_<timestamp>.json as its training script writes it (every default filled in)."""
-    return {
-        "text_embed_dim": None,
-        "channels": 3,
-        "timesteps": timesteps,
-        "cond_drop_prob": 0.15,
-        "loss_type": "l2",
-        "lowres_sample_noise_level": 0.2,
-        "auto_normalize_img": True,
-        "dynamic_thresholding_percentile": 0.9,
-        "only_train_unet_number": None,
-        "image_sizes": list(image_sizes),
-        "text_encoder_name": "t5_small",
-    }
-
-
 def write_training_directory(root: Path, presets=PRESETS, text_embed_dim: int = TEXT_WIDTH) -> None:
     """parameters/ and state_dicts/ as MinImagen's training script writes them, with seeded random
     weights; one Unet in memory at a time."""
     import torch
 
     from imagen.reference.imagen import cast_unet_config
+    from imagen.reference.minimagen import minimagen_imagen_params
     from imagen.reference.unet import Unet, preset_config
 
     for sub in ("parameters", "state_dicts", "tmp"):
@@ -184,9 +169,11 @@ def image_child(bundle: str, threads: int) -> dict:
 
 def _child(kind: str, *args, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "bench.presets", "--child", kind, *map(str, args), "--threads", str(threads)]
+    command = [sys.executable, "-m", "bench.cpu.presets", "--child", kind, *map(str, args), "--threads", str(threads)]
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        command, env=env, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
     if result.returncode != 0:
         return {"error": f"{kind} child exited with {result.returncode}; see its stderr above"}
     line = next(line for line in result.stdout.splitlines() if line.startswith("BENCH"))
@@ -198,7 +185,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def run(work: Path, precisions: list[str], threads: int, results_file: Path, presets=PRESETS) -> dict:
-    from bench.machine import machine
+    from ..machine import machine
 
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results.update(machine=machine(), threads=threads, stages=parameter_counts(presets))
@@ -267,7 +254,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.presets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu.presets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/imagen-presets"), help="folder for everything")
     parser.add_argument("--precisions", default="fp32,fp16")
     parser.add_argument("--threads", type=int, default=None, help="default: this process's CPUs")
@@ -280,7 +267,7 @@ def main(argv=None) -> None:
     parser.add_argument("--counts", action="store_true", help="only the parameter counts")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from bench.machine import logical_cpus
+    from ..machine import logical_cpus
 
     threads = args.threads or logical_cpus()
     presets = tuple((name, int(size)) for name, size in (p.split(":") for p in args.presets.split(",")))

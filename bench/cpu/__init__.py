@@ -1,0 +1,32 @@
+"""The CPU suite: the cascade's performance targets on ONNX Runtime (CPU), measured side by side in
+one run.
+
+    python -m bench                                   # the demo bundle, every section (also python -m bench.cpu)
+    python -m bench --run runs/demo --bundle runtime/demo --out docs/benchmarks.md
+    python -m bench --quick --sections 2,5            # tiny sizes and counts (a smoke run)
+
+Sections, one module each, each a function returning a dict:
+
+1. `reference_vs_runtime`: PyTorch eager reference vs the runtime, same sampler, steps,
+   batch and noise: wall time per image and the ratio (target: runtime >= 2.0x faster).
+2. `engine_efficiency`: this machine's GEMM rate (NumPy and an ONNX Runtime MatMul), each
+   Unet engine's achieved FLOP rate at batch 2 (cond + uncond) as a share of it (target:
+   >= 75% for a 64x64 dim-64 base Unet), and ONNX Runtime session options compared on
+   that Unet.
+3. `outside_engine`: time outside engine calls (tokenizer, NumPy loop, resize, PNG) as a
+   share of a request (target: <= 3%).
+4. `steps_vs_quality`: `imagen-eval`'s exact-match rate and images/second per sampler and
+   step count (target: DPM-Solver++ at 25 steps within 2 points of full DDPM).
+5. `memory`: peak resident memory and cold start (import + load) of the runtime, each in
+   a fresh process (targets: <= 400 MB, <= 1.5 s).
+
+Around them: `timing` (timers, GEMM probes, ONNX Runtime sessions), `workload` (every call
+the sections make into the runtime), `suite` (runs the chosen sections), `report` (the
+Markdown) and `__main__` (the command line); `bench.machine` and `bench.prompts` are shared
+with the GPU suite. With `--out FILE` the report replaces the part of FILE between
+`<!-- bench:start -->` and `<!-- bench:end -->` (or is appended, with the markers, when FILE
+has none), so hand-written text around it stays.
+
+The sections use only the runtime's public API: `Pipeline.load`, `Pipeline.settings`,
+`Pipeline.bundle`, a request's `info[i]["timings"]`, and `imagen.runtime.bundle.load_bundle`.
+"""
