@@ -127,20 +127,92 @@ def sample_dpmpp_2m(
             h = _half_log_snr(a_s) - _half_log_snr(a_t)
             c1 = _f32(math.sqrt((1.0 - a_s) / (1.0 - a_t)))  # sigma_s / sigma_t
             c2 = _f32(-math.sqrt(a_s) * math.expm1(-h))  # -alpha_s (e^{-h} - 1)
-            if x0_prev is None:
-                d = x0
-            else:  # second order: extrapolate the data prediction with r = h_prev / h
-                r = h_prev / h
-                d = _f32(1.0 + 1.0 / (2.0 * r)) * x0 - _f32(1.0 / (2.0 * r)) * x0_prev
-            x = c1 * x + c2 * d
+            x = c1 * x + c2 * _second_order(x0, x0_prev, h_prev, h)
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback(i, t, x)
     return x
 
 
+def _second_order(x0, x0_prev, h_prev, h):
+    """DPM-Solver++'s multistep data prediction: x0 alone on the first step, else x0 extrapolated
+    with its previous value, r = h_prev / h (the midpoint form of Lu et al. 2022, alg. 2)."""
+    if x0_prev is None:
+        return x0
+    r = h_prev / h
+    return _f32(1.0 + 1.0 / (2.0 * r)) * x0 - _f32(1.0 / (2.0 * r)) * x0_prev
+
+
+def sample_dpmpp_2m_sde(
+    denoise: Denoise,
+    x: Array,
+    alphas_cumprod: np.ndarray,
+    timesteps: list[int],
+    noise: Noise,
+    eta: float = 0.0,
+    callback: Callable | None = None,
+) -> Array:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 4 and appendix; diffusers' "sde-dpmsolver++",
+    midpoint): the data-prediction SDE solved exactly in its linear part, which adds fresh noise
+    of std sigma_s sqrt(1 - e^{-2h}) at every step, and so corrects the model's errors as it goes
+    like ancestral sampling. First order on the first and the last step; the last lands on the data
+    prediction and draws no noise. `eta` is ignored (the noise is always the SDE's)."""
+    x0_prev, h_prev = None, None
+    for i, t, a_t, a_s in _pairs(alphas_cumprod, timesteps):
+        x0 = denoise(x, t)
+        if i + 1 == len(timesteps):
+            x = x0  # the step to alpha_cumprod = 1 (lambda = inf) lands on the data prediction
+        else:
+            h = _half_log_snr(a_s) - _half_log_snr(a_t)
+            c1 = _f32(math.sqrt((1.0 - a_s) / (1.0 - a_t)) * math.exp(-h))  # sigma_s / sigma_t e^{-h}
+            c2 = _f32(-math.sqrt(a_s) * math.expm1(-2.0 * h))  # alpha_s (1 - e^{-2h})
+            c3 = _f32(math.sqrt((1.0 - a_s) * -math.expm1(-2.0 * h)))  # sigma_s sqrt(1 - e^{-2h})
+            x = c1 * x + c2 * _second_order(x0, x0_prev, h_prev, h)
+            x = x + c3 * noise(tuple(x.shape))
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def sample_euler_a(
+    denoise: Denoise,
+    x: Array,
+    alphas_cumprod: np.ndarray,
+    timesteps: list[int],
+    noise: Noise,
+    eta: float = 0.0,
+    callback: Callable | None = None,
+) -> Array:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, diffusers' EulerAncestralDiscrete)
+    written on x_t = alpha_t (x0 + k_t eps) with k_t = sigma_t / alpha_t: each step goes from k_t
+    down to k_down by Euler, then up to k_s with fresh noise of std k_up, where
+    k_up^2 = k_s^2 (k_t^2 - k_s^2) / k_t^2 and k_down^2 = k_s^2 - k_up^2. The last step (k_s = 0)
+    lands on the data prediction and draws no noise. `eta` is ignored (always fully ancestral)."""
+    for i, t, a_t, a_s in _pairs(alphas_cumprod, timesteps):
+        k_t, k_s = math.sqrt((1.0 - a_t) / a_t), math.sqrt((1.0 - a_s) / a_s)
+        k_up = math.sqrt(k_s**2 * (k_t**2 - k_s**2) / k_t**2)
+        k_down = math.sqrt(max(k_s**2 - k_up**2, 0.0))
+        c1 = _f32(math.sqrt(a_s / a_t) * k_down / k_t)  # x_t / alpha_t, moved to k_down, times alpha_s
+        c2 = _f32(math.sqrt(a_s) * (1.0 - k_down / k_t))
+        c3 = _f32(math.sqrt(a_s) * k_up)
+        x0 = denoise(x, t)
+        x = c1 * x + c2 * x0
+        if i + 1 < len(timesteps):  # the last step goes to alpha_cumprod = 1 and adds no noise
+            x = x + c3 * noise(tuple(x.shape))
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
 # the contract names the samplers (SAMPLER_NAMES); this maps each name to its loop
-SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "euler_a": sample_euler_a,
+}
 
 
 def run_sampler(

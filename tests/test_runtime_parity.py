@@ -111,7 +111,15 @@ def test_fp16_bundle_against_fp32_reference(reference, bundle_fp16):
 
 
 @pytest.mark.parametrize(
-    "sampler,steps,eta", [("ddpm", 5, 0.0), ("ddim", 5, 0.0), ("ddim", 5, 0.5), ("dpmpp_2m", 5, 0.0)]
+    "sampler,steps,eta",
+    [
+        ("ddpm", 5, 0.0),
+        ("ddim", 5, 0.0),
+        ("ddim", 5, 0.5),
+        ("dpmpp_2m", 5, 0.0),
+        ("dpmpp_2m_sde", 5, 0.0),
+        ("euler_a", 5, 0.0),
+    ],
 )
 def test_each_sampler_every_step_fp32(sampler, steps, eta, reference, pipe_fp32):
     images, ref_steps = reference_sample(reference, PROMPTS, SEED + 1, sampler=sampler, steps=steps, eta=eta)

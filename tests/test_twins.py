@@ -125,6 +125,10 @@ def _fake_denoise_torch(x, t):
         ("dpmpp_2m", 5, 0.0),
         ("dpmpp_2m", 1, 0.0),
         ("dpmpp_2m", 12, 0.0),
+        ("dpmpp_2m_sde", 1, 0.0),
+        ("dpmpp_2m_sde", 6, 0.0),
+        ("euler_a", 1, 0.0),
+        ("euler_a", 7, 0.0),
     ],
 )
 def test_sampler_matches_reference_every_step(sampler, steps, eta):

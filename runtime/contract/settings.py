@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import ParameterError
 
 # the samplers a bundle may name as its default and a request may ask for (runtime/samplers.py runs them)
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler_a")
 
 MAX_SEED = 2**63
 
