@@ -79,10 +79,14 @@ def test_every_section_has_finite_numbers(bench_result):
     assert three["engine_s"] < three["total_s"]
     assert three["engine_calls"] > 0
     four = sections["4"]
-    assert [r["sampler"] for r in four["rows"]] == ["ddpm", "ddim", "ddim", "dpmpp_2m", "dpmpp_2m", "dpmpp_2m"]
+    samplers = ["ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2m", "ddim"]
+    assert [r["sampler"] for r in four["rows"]] == ["ddpm", *samplers, *samplers]
     for row in four["rows"]:
-        assert 0 <= row["exact"] <= 1
-        _positive(row, "images_per_second", "steps")
+        low, high = row["interval"]
+        assert 0 <= low <= row["exact"] <= high <= 1
+        _positive(row, "images_per_second", "steps", "unet_calls")
+    # rows of one step count make the same Unet calls
+    assert len({r["unet_calls"] for r in four["rows"] if r["steps"] == four["rows"][1]["steps"]}) == 1
     five = sections["5"]
     _positive(five, "cold_start_s.median", "import_s", "load_s", "peak_rss_mb_one_image", "peak_rss_mb_max_batch")
     assert five["torch_imported"] is False
@@ -149,7 +153,9 @@ def test_the_suites_section_numbers_do_not_clash():
     assert not set(CPU_SECTIONS) & set(gpu)
 
 
-@pytest.mark.parametrize("module", ["bench", "bench.cpu", "bench.gpu", "bench.cpu.presets", "bench.serve_load"])
+@pytest.mark.parametrize(
+    "module", ["bench", "bench.cpu", "bench.gpu", "bench.cpu.presets", "bench.cpu.sampler_study", "bench.serve_load"]
+)
 def test_the_documented_commands_start(module):
     """Each `python -m ...` that the docs name answers --help (no section runs)."""
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)

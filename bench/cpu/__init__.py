@@ -15,8 +15,9 @@ Sections, one module each, each a function returning a dict:
    that Unet.
 3. `outside_engine`: time outside engine calls (tokenizer, NumPy loop, resize, PNG) as a
    share of a request (target: <= 3%).
-4. `steps_vs_quality`: `imagen-eval`'s exact-match rate and images/second per sampler and
-   step count (target: DPM-Solver++ at 25 steps within 2 points of full DDPM).
+4. `steps_vs_quality`: `imagen-eval`'s exact-match rate (with its 95% interval, n captions at
+   two seeds) and images/second of every sampler at equal Unet calls (target: the best sampler
+   at 25 steps within 1 point of ancestral DDPM over every timestep).
 5. `memory`: peak resident memory and cold start (import + load) of the runtime, each in
    a fresh process (targets: <= 400 MB, <= 1.5 s).
 
@@ -26,6 +27,10 @@ Markdown) and `__main__` (the command line); `bench.machine` and `bench.prompts`
 with the GPU suite. With `--out FILE` the report replaces the part of FILE between
 `<!-- bench:start -->` and `<!-- bench:end -->` (or is appended, with the markers, when FILE
 has none), so hand-written text around it stays.
+
+Apart from the suite, `python -m bench.cpu.sampler_study` asks why a sampler loses adherence: it
+changes one factor at a time (thresholding, guidance, spacing, one stage's sampler), swapping a
+runtime function in for the factors that are not request settings.
 
 The sections use only the runtime's public API: `Pipeline.load`, `Pipeline.settings`,
 `Pipeline.bundle`, a request's `info[i]["timings"]`, and `imagen.runtime.bundle.load_bundle`.

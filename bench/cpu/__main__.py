@@ -33,7 +33,12 @@ def parse_args(argv):
         "--steps", type=int, default=None, help="sections 1 and 3: steps per Unet (default: the bundle's)"
     )
     parser.add_argument("--batch", type=int, default=4, help="sections 1 and 3: images per request (default 4)")
-    parser.add_argument("--n", type=int, default=None, help="section 4: images per sampler (default 48, quick 4)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="section 4: captions per sampler and seed (default 96 at two seeds; quick 4 at one)",
+    )
     parser.add_argument("--split", default="train", choices=["train", "heldout"], help="section 4: caption split")
     parser.add_argument("--runs", type=int, default=None, help="section 2: timed engine calls (default 10, quick 3)")
     parser.add_argument("--seed", type=int, default=0)

@@ -171,22 +171,26 @@ def _outside_engine(r: dict) -> list[str]:
 
 def _steps_vs_quality(r: dict) -> list[str]:
     c = r["config"]
+    seeds = c.get("seeds", [c.get("seed", 0)])
     lines = [
         "### 4. Steps vs quality",
         "",
-        f"`imagen-eval` on {c['n']} `{c['split']}` captions (seed {c['seed']}), batch {c['batch']}, "
-        f"{c['threads']} threads; the schedule has {c['timesteps']} timesteps. Every row uses the "
-        f"bundle's sr_strength ({c.get('sr_strength', 1.0)}): the super-resolution Unet runs that share "
-        "of its steps.",
+        f"`imagen-eval` on {c['n']} `{c['split']}` captions at each of the seeds {seeds} "
+        f"({c['n'] * len(seeds)} images per row), batch {c['batch']}, {c['threads']} threads; the schedule has "
+        f"{c['timesteps']} timesteps. Every row uses the bundle's sr_strength ({c.get('sr_strength', 1.0)}): the "
+        "super-resolution Unet runs that share of its steps. Rows of one step count make the same Unet calls. "
+        "The interval is the exact-match rate's 95% Wilson interval.",
         "",
     ]
     return lines + table(
-        ["sampler", "steps / Unet", "exact match", "images / s"],
+        ["sampler", "steps / Unet", "Unet calls", "exact match", "95% interval", "images / s"],
         [
             [
                 row["config"],
                 f"{row['steps']}{' (capped)' if row['capped'] else ''}",
+                row.get("unet_calls", ""),
                 f"{100 * row['exact']:.1f}%",
+                "-".join(f"{100 * v:.0f}%" for v in row.get("interval", [])),
                 row["images_per_second"],
             ]
             for row in r["rows"]

@@ -55,7 +55,13 @@ def _sections(args, bundle: Path, run_dir, threads: int) -> dict:
         ),
         3: lambda: outside_engine(bundle, **request, repeats=1 if quick else 2),
         4: lambda: steps_vs_quality(
-            bundle, threads=threads, n=args.n or (4 if quick else 48), batch=8, split=args.split, seed=args.seed
+            bundle,
+            threads=threads,
+            n=args.n or (4 if quick else 96),
+            batch=8,
+            split=args.split,
+            seed=args.seed,
+            seeds=1 if quick else 2,
         ),
         5: lambda: memory_and_cold_start(bundle, threads=threads, repeats=1 if quick else 5, steps=2 if quick else 10),
     }
