@@ -24,17 +24,24 @@ BLUE_SQUARE = "a large blue square at the top"
 
 # name -> Pipeline.__call__ arguments; every sampler, several images per prompt, sr_strength 1
 CALLS = {
-    "defaults": dict(prompts=[RED_CIRCLE, BLUE_SQUARE], seed=7),
-    "ddpm_two_per_prompt": dict(prompts=RED_CIRCLE, seed=3, sampler="ddpm", steps=[10, 4], num_images_per_prompt=2),
+    # the demo's defaults when the digests were taken (named here, so a change of defaults keeps them)
+    "defaults": dict(prompts=[RED_CIRCLE, BLUE_SQUARE], seed=7, sampler="dpmpp_2m", steps=25, sr_strength=0.25),
+    "ddpm_two_per_prompt": dict(
+        prompts=RED_CIRCLE, seed=3, sampler="ddpm", steps=[10, 4], num_images_per_prompt=2, sr_strength=0.25
+    ),
     "ddim_eta_full_sr": dict(prompts=BLUE_SQUARE, seed=11, sampler="ddim", eta=0.5, steps=8, sr_strength=1.0),
-    "dpmpp_guidance_5": dict(prompts=[BLUE_SQUARE], seed=2**31 + 5, guidance_scale=5.0, steps=[6, 6]),
+    "dpmpp_guidance_5": dict(
+        prompts=[BLUE_SQUARE], seed=2**31 + 5, sampler="dpmpp_2m", guidance_scale=5.0, steps=[6, 6], sr_strength=0.25
+    ),
 }
 # name -> requests (prompt, n, seed) that run as one server batch with these shared settings
 BATCHES = {
-    "two_requests": dict(requests=[(RED_CIRCLE, 2, 1), (BLUE_SQUARE, 1, 2)], settings=dict(steps=6)),
+    "two_requests": dict(
+        requests=[(RED_CIRCLE, 2, 1), (BLUE_SQUARE, 1, 2)], settings=dict(sampler="dpmpp_2m", steps=6, sr_strength=0.25)
+    ),
     "ddpm_three_requests": dict(
         requests=[(BLUE_SQUARE, 1, 5), (RED_CIRCLE, 1, 6), (BLUE_SQUARE, 1, 7)],
-        settings=dict(sampler="ddpm", steps=[8, 3], guidance_scale=4.0),
+        settings=dict(sampler="ddpm", steps=[8, 3], guidance_scale=4.0, sr_strength=0.25),
     ),
 }
 
