@@ -23,14 +23,15 @@ def _preview(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def validate_prompt(prompt, index: int = 0) -> str:
-    """The prompt if it can be tokenized, else PromptError saying why."""
+def validate_prompt(prompt, index: int = 0, allow_empty: bool = False) -> str:
+    """The prompt if it can be tokenized, else PromptError saying why. `allow_empty`: "" and whitespace
+    pass (a negative prompt, or a prompt that preprocessing emptied, is encoded as eos alone)."""
     where = f"prompt {index}"
     if isinstance(prompt, (bytes, bytearray, memoryview)):
         raise PromptError(f"{where} is {type(prompt).__name__}, not str; decode it first (e.g. data.decode('utf-8'))")
     if not isinstance(prompt, str):
         raise PromptError(f"{where} must be a str, got {type(prompt).__name__}")
-    if not prompt.strip():
+    if not allow_empty and not prompt.strip():
         raise PromptError(f"{where} is empty or whitespace only; give some text")
     try:
         prompt.encode("utf-8")
@@ -131,7 +132,9 @@ class Tokenizer:
             start = match.end()
         return [int(i) for i in ids + self._processor.encode(prompt[start:].translate(self._spaces))]
 
-    def __call__(self, prompts: list[str], strict: bool = False) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    def __call__(
+        self, prompts: list[str], strict: bool = False, allow_empty: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         if isinstance(prompts, str):
             prompts = [prompts]
         length = self.max_length
@@ -139,7 +142,7 @@ class Tokenizer:
         attention_mask = np.zeros((len(prompts), length), dtype=np.int64)
         truncated = []
         for row, prompt in enumerate(prompts):
-            ids = self.ids(validate_prompt(prompt, row))
+            ids = self.ids(validate_prompt(prompt, row, allow_empty))
             cut = len(ids) > length - 1
             if cut and strict:
                 raise PromptError(
