@@ -1,21 +1,25 @@
 """Images between and after the cascade stages (docs/bundle.md, Resizing between stages).
 
 `resize_image` is one named algorithm, reproduced exactly by the runtime: enlarging is bilinear
-with half-pixel centres and edge clamp, no antialiasing (`interpolate(mode="bilinear",
-align_corners=False)`); shrinking is a box average (`mode="area"`, training only). `to_uint8`
-quantizes the final images. The torch twin of `imagen.runtime.images` (NumPy).
+with half-pixel centres (or corner to corner) and edge clamp, no antialiasing
+(`interpolate(mode="bilinear", align_corners=False or True)`); shrinking is a box average
+(`mode="area"`, training only). `to_uint8` quantizes the final images. The torch twin of
+`imagen.runtime.images` (NumPy).
 """
 
 import torch
 import torch.nn.functional as F
 
 
-def resize_image(x: torch.Tensor, size: int, clamp_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """Resizes (b, c, h, w) images to (b, c, size, size), then clamps to `clamp_range` when given."""
+def resize_image(
+    x: torch.Tensor, size: int, clamp_range: tuple[float, float] | None = None, align_corners: bool = False
+) -> torch.Tensor:
+    """Resizes (b, c, h, w) images to (b, c, size, size), then clamps to `clamp_range` when given.
+    `align_corners` enlarges corner to corner (DeepFloyd IF's upscale between its stages)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         out = x
     elif size > x.shape[-1]:
-        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=align_corners, antialias=False)
     else:
         out = F.interpolate(x, size=(size, size), mode="area")
     if clamp_range is not None:

@@ -29,7 +29,7 @@ from .contract import (
     unet_name,
     unet_signature,
 )
-from .contract.settings import Settings, check_guidance_scale, check_sr_strength
+from .contract.settings import Settings, check_guidance_per_unet, check_sr_strength
 from .errors import BundleError, ParameterError
 from .schedule import Schedule
 
@@ -184,6 +184,12 @@ def _check_stages(manifest: Manifest) -> None:
     length, width = manifest.max_length, manifest.embed_dim
     encoder = manifest.stages[TEXT_ENCODER]
     _check_signature(encoder, text_encoder_signature(length, width, encoder.signature.batch_max), width)
+    modes = {stage.how_sampled.unconditional for stage in manifest.unets}
+    if len(modes) > 1:
+        raise BundleError(
+            f"{MANIFEST}: the Unets take their unconditional rows in different ways ({', '.join(sorted(modes))}); "
+            f"one cascade conditions every Unet alike, {REEXPORT}"
+        )
     for index, (stage, size) in enumerate(zip(manifest.unets, manifest.image_sizes, strict=True)):
         where = f"{stage.file.file} (stage {stage.name})"
         if stage.image_size is not None and stage.image_size != size:
@@ -195,8 +201,17 @@ def _check_stages(manifest: Manifest) -> None:
                 f"{where}: lowres_cond is {bool(stage.lowres_cond)}; the base Unet must have none and "
                 f"super-resolution Unets must have it; {REEXPORT}"
             )
+        sampling = stage.how_sampled
         expected = unet_signature(
-            index, size, length, width, index > 0, stage.signature.batch_max // 2, manifest.channels
+            index,
+            size,
+            length,
+            width,
+            index > 0,
+            stage.signature.batch_max // 2,
+            manifest.channels,
+            null_text=sampling.unconditional == "null_text",
+            learned_variance=sampling.variance == "learned_range",
         )
         _check_signature(stage, expected, width)
 
@@ -209,7 +224,7 @@ def _default_settings(manifest: Manifest, timesteps: list[int]) -> Settings:
         return Settings(
             sampler=defaults.sampler,
             steps=steps,
-            guidance_scale=check_guidance_scale(defaults.guidance_scale),
+            guidance_scale=check_guidance_per_unet(defaults.guidance_per_unet(len(timesteps)), len(timesteps)),
             sr_strength=check_sr_strength(1.0 if defaults.sr_strength is None else defaults.sr_strength),
         )
     except ParameterError as error:
@@ -222,7 +237,7 @@ def _schedules(manifest: Manifest) -> dict[str, Schedule]:
     schedules = {}
     for name, entry in manifest.schedules.items():
         try:
-            schedules[name] = Schedule(entry.betas)
+            schedules[name] = Schedule(entry.betas, entry.alphas_cumprod)
         except BundleError as error:
             raise BundleError(f"{MANIFEST}: schedules.{name}: {error}") from None
     return schedules

@@ -45,14 +45,26 @@ def quantile(values, q: float):
     return a + difference * gamma if gamma < 0.5 else b - difference * (1.0 - gamma)
 
 
-def dynamic_threshold(x0, percentile: float):
-    """Imagen sec. 2.3: per sample s = max(quantile_p(|x0|), 1) with linear interpolation;
-    clip x0 to [-s, s] and divide by s."""
+def dynamic_threshold(x0, percentile: float, maximum: float | None = None):
+    """Imagen sec. 2.3: per sample s = max(quantile_p(|x0|), 1) with linear interpolation, at most
+    `maximum` when given (diffusers' sample_max_value); clip x0 to [-s, s] and divide by s."""
     xp = namespace(x0)
     flat = xp.abs(xp.reshape(x0, (x0.shape[0], -1)))
-    s = quantile(flat, percentile)
-    s = xp.reshape(xp.maximum(s, xp.ones_like(s)), (-1, *((1,) * (x0.ndim - 1))))
+    s = xp.maximum(quantile(flat, percentile), xp.ones_like(flat[:, 0]))
+    if maximum is not None:
+        s = xp.minimum(s, xp.full_like(s, float(np.float32(maximum))))
+    s = xp.reshape(s, (-1, *((1,) * (x0.ndim - 1))))
     return xp.minimum(xp.maximum(x0, -s), s) / s  # clip(x0, -s, s), which compat's NumPy clip does slower
+
+
+def threshold(x0, kind: str, percentile: float, maximum: float | None = None):
+    """The data prediction as a stage's sampling entry says: `dynamic`ally thresholded, `clip`ped to
+    [-1, 1], or as is (`none`)."""
+    if kind == "dynamic":
+        return dynamic_threshold(x0, percentile, maximum)
+    if kind == "clip":
+        return namespace(x0).clip(x0, -1.0, 1.0)
+    return x0
 
 
 def _repeat_rows(array, copies: int):
@@ -61,14 +73,19 @@ def _repeat_rows(array, copies: int):
 
 
 class GuidedDenoiser:
-    """`denoise(x, t) -> x0` for one Unet: one Unet call on [cond; uncond] (2B rows, `text_keep`
-    B true then B false; only the B cond rows when guidance_scale == 1), guidance on the noise,
-    x0 from the noise (DDPM eq. 15), then dynamic thresholding.
+    """`denoise(x, t) -> x0` for one Unet: one Unet call on the guidance rows, guidance on the noise,
+    x0 from the noise (DDPM eq. 15), then the stage's thresholding (dynamic by default).
 
-    `backend.run(feeds)` returns {"noise_pred": ...}; `lowres_cond_img` (B, C, s, s) and
-    `lowres_noise_times` (B,) float32 condition a super-resolution Unet. Every array is of the
-    namespace and on the device of `text_embeds`, and so are the feeds. `calls` counts the Unet
-    calls and `engine_seconds` the time spent inside `backend.run`."""
+    The rows: with a learned null text, [cond; uncond] (2B rows, `text_keep` B true then B false,
+    `text_mask` fed); with `uncond_embeds` (a negative prompt's embeddings, DeepFloyd IF),
+    [uncond; cond] and no mask. Only the B cond rows when guidance_scale == 1. A Unet that learns
+    its variance outputs `variance_pred`; the cond rows' half is kept in `variance` for the sampler
+    (guidance applies to the noise only).
+
+    `backend.run(feeds)` returns {"noise_pred": ...[, "variance_pred": ...]}; `lowres_cond_img`
+    (B, C, s, s) and `lowres_noise_times` (B,) float32 condition a super-resolution Unet. Every
+    array is of the namespace and on the device of `text_embeds`, and so are the feeds. `calls`
+    counts the Unet calls and `engine_seconds` the time spent inside `backend.run`."""
 
     def __init__(
         self,
@@ -82,43 +99,62 @@ class GuidedDenoiser:
         lowres_cond_img=None,
         lowres_noise_times=None,
         name: str = "unet",
+        uncond_embeds=None,
+        threshold_kind: str = "dynamic",
+        threshold_max: float | None = None,
     ):
         if (lowres_cond_img is None) != (lowres_noise_times is None):
             raise ValueError("lowres_cond_img and lowres_noise_times go together; pass both or neither")
         self.backend, self.schedule, self.name = backend, schedule, name
         self.xp, self.device = namespace(text_embeds), device(text_embeds)
         self.guidance_scale, self.percentile = guidance_scale, percentile
+        self.threshold_kind, self.threshold_max = threshold_kind, threshold_max
         self.batch = text_embeds.shape[0]
         self.copies = 1 if guidance_scale == 1 else 2
         self.rows = self.batch * self.copies
+        self.uncond_first = uncond_embeds is not None
         # Everything but x and time is the same at every step: repeated to rows once, here.
-        self.conditioning = {
-            "text_embeds": _repeat_rows(text_embeds, self.copies),
-            "text_mask": _repeat_rows(text_mask, self.copies),
-            "text_keep": self.xp.arange(self.rows, device=self.device) < self.batch,
-        }
+        if self.uncond_first:
+            embeds = text_embeds if self.copies == 1 else self.xp.concat([uncond_embeds, text_embeds])
+            self.conditioning = {"text_embeds": embeds}
+        else:
+            self.conditioning = {
+                "text_embeds": _repeat_rows(text_embeds, self.copies),
+                "text_mask": _repeat_rows(text_mask, self.copies),
+                "text_keep": self.xp.arange(self.rows, device=self.device) < self.batch,
+            }
         if lowres_cond_img is not None:
             self.conditioning["lowres_cond_img"] = _repeat_rows(lowres_cond_img, self.copies)
             self.conditioning["lowres_noise_times"] = _repeat_rows(lowres_noise_times, self.copies)
+        self.variance = None
         self.calls = 0
         self.engine_seconds = 0.0
 
     def predict_noise(self, x, t: int):
-        """The guided noise prediction for x (B, C, s, s) at timestep t."""
+        """The guided noise prediction for x (B, C, s, s) at timestep t; the cond rows' learned
+        variance, if the Unet has one, in `self.variance`."""
         xp = self.xp
         time_rows = xp.full((self.rows,), float(t), dtype=xp.float32, device=self.device)
         feeds = {"x": _repeat_rows(x, self.copies), "time": time_rows, **self.conditioning}
         start = time.perf_counter()
-        pred = self.backend.run(feeds)["noise_pred"]
+        outputs = self.backend.run(feeds)
         self.engine_seconds += time.perf_counter() - start
+        pred, variance = outputs["noise_pred"], outputs.get("variance_pred")
         step = self.calls
         self.calls += 1
-        if not bool(xp.all(xp.isfinite(pred))):
+        if not bool(xp.all(xp.isfinite(pred))) or (variance is not None and not bool(xp.all(xp.isfinite(variance)))):
             raise NonFiniteError(self.name, step, t)
         if self.copies == 1:
+            self.variance = variance
             return pred
-        return apply_guidance(pred[: self.batch, ...], pred[self.batch :, ...], self.guidance_scale)
+        first, second = pred[: self.batch, ...], pred[self.batch :, ...]
+        cond, uncond = (second, first) if self.uncond_first else (first, second)
+        if variance is not None:
+            variance = variance[self.batch :, ...] if self.uncond_first else variance[: self.batch, ...]
+        self.variance = variance
+        return apply_guidance(cond, uncond, self.guidance_scale)
 
     def __call__(self, x, t: int):
         eps = self.predict_noise(x, t)
-        return dynamic_threshold(self.schedule.predict_start_from_noise(x, t, eps), self.percentile)
+        x0 = self.schedule.predict_start_from_noise(x, t, eps)
+        return threshold(x0, self.threshold_kind, self.percentile, self.threshold_max)

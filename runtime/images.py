@@ -1,10 +1,11 @@
 """Images between and after the cascade stages (docs/bundle.md, Resizing between stages).
 
-`resize_image` enlarges: bilinear, half-pixel centres, edge clamp, no antialiasing (PyTorch's
-interpolate(mode="bilinear", align_corners=False)), separable. `to_uint8` quantizes the final
-images. The array-API twin of `imagen.reference.images` (torch), which also shrinks (training
-only). Images may be arrays of any array API namespace; the interpolation weights and indices are
-computed with NumPy on the host (they depend on the sizes only) and moved next to the images.
+`resize_image` enlarges: bilinear, half-pixel centres (or corner to corner), edge clamp, no
+antialiasing (PyTorch's interpolate(mode="bilinear", align_corners=False or True)), separable.
+`to_uint8` quantizes the final images. The array-API twin of `imagen.reference.images` (torch),
+which also shrinks (training only). Images may be arrays of any array API namespace; the
+interpolation weights and indices are computed with NumPy on the host (they depend on the sizes
+only) and moved next to the images.
 """
 
 import numpy as np
@@ -12,11 +13,15 @@ import numpy as np
 from .arrays import namespace, to_namespace
 
 
-def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices i0, i1 and the weight on i1 for each output index along one axis."""
-    scale = np.float32(n_in / n_out)
+def _axis_weights(n_in: int, n_out: int, align_corners: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices i0, i1 and the weight on i1 for each output index along one axis, in float32 as
+    PyTorch's bilinear kernel takes them: half-pixel centres c = (i + 0.5) n_in / n_out - 0.5 (at
+    least 0), or with `align_corners` c = i (n_in - 1) / (n_out - 1)."""
     i = np.arange(n_out, dtype=np.float32)
-    c = np.maximum((i + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
+    if align_corners:
+        c = i * np.float32((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        c = np.maximum((i + np.float32(0.5)) * np.float32(n_in / n_out) - np.float32(0.5), np.float32(0.0))
     i0 = np.floor(c).astype(np.int64)
     i0 = np.minimum(i0, n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
@@ -24,24 +29,25 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return i0, i1, w1
 
 
-def _interpolate(x, axis: int, size: int):
+def _interpolate(x, axis: int, size: int, align_corners: bool = False):
     """x enlarged to `size` along `axis` (-2: rows, -1: columns): x[i0] (1 - w1) + x[i1] w1."""
     xp = namespace(x)
-    i0, i1, w1 = _axis_weights(x.shape[axis], size)
+    i0, i1, w1 = _axis_weights(x.shape[axis], size, align_corners)
     shape = (-1, 1) if axis == -2 else (-1,)
     w0, w1 = (xp.reshape(to_namespace(xp, w, like=x), shape) for w in (np.float32(1) - w1, w1))
     i0, i1 = (to_namespace(xp, i, like=x) for i in (i0, i1))
     return xp.take(x, i0, axis=axis) * w0 + xp.take(x, i1, axis=axis) * w1
 
 
-def resize_image(x, size: int):
-    """Enlarges (b, c, h, w) float32 images to (b, c, size, size); same size is returned as is."""
+def resize_image(x, size: int, align_corners: bool = False):
+    """Enlarges (b, c, h, w) float32 images to (b, c, size, size); same size is returned as is.
+    `align_corners`: corner pixels to corner pixels (DeepFloyd IF's upscale between its stages)."""
     h, w = x.shape[-2:]
     if h == size and w == size:
         return x
     if size < h or size < w:
         raise ValueError(f"the runtime only enlarges images ({h}x{w} -> {size}x{size})")
-    out = _interpolate(_interpolate(x, -2, size), -1, size)
+    out = _interpolate(_interpolate(x, -2, size, align_corners), -1, size, align_corners)
     return out if out.dtype == x.dtype else namespace(x).astype(out, x.dtype)
 
 

@@ -25,11 +25,9 @@ and noise (drawn on the host, so a seed makes the same image on every backend) g
 only the final images come back.
 """
 
-import functools
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,81 +40,11 @@ from .contract.settings import MAX_SEED, Settings, check_seed, is_int
 from .errors import BackendError, BundleError, NonFiniteError, ParameterError
 from .guidance import GuidedDenoiser
 from .images import resize_image, to_uint8
+from .requests import Request, Result, batch_noise, image_info
 from .samplers import run_sampler, spaced_timesteps
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, validate_prompt
 
 DEMO_BUNDLE = Path(__file__).parent / "demo"
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request of a batch: `prompts` (a str or a list), `n` images of each prompt, and its own
-    noise: a `seed` (None: one is drawn, and reported in the info) or a NumPy `generator`."""
-
-    prompts: str | Sequence[str]
-    n: int = 1
-    seed: int | None = None
-    generator: np.random.Generator | None = None
-
-    @property
-    def prompt_list(self) -> list[str]:
-        return [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
-
-    @property
-    def images(self) -> int:
-        """Its rows of the batch: every prompt n times, prompt by prompt."""
-        return len(self.prompt_list) * self.n
-
-
-@dataclass
-class Result:
-    """Images of one request: `array` (uint8 (N, s, s, 3)), `images` (PIL, made on first use) and
-    `info` (one dict per image, `image_info`)."""
-
-    array: np.ndarray
-    info: list[dict]
-
-    @functools.cached_property
-    def images(self) -> list:
-        from PIL import Image
-
-        return [Image.fromarray(np.ascontiguousarray(image)) for image in self.array]
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-
-def batch_noise(generators: Sequence[np.random.Generator], rows: Sequence[int]) -> Callable:
-    """`noise(shape)` for a batch: generator i draws its rows[i] rows of every draw, stacked in order
-    (one generator draws the whole batch, as a request alone does)."""
-    total = sum(rows)
-
-    def noise(shape):
-        if shape[0] != total:
-            raise RuntimeError(f"a draw of shape {tuple(shape)} does not have the batch ({total}) first")
-        if len(generators) == 1:
-            return generators[0].standard_normal(tuple(shape), dtype=np.float32)
-        draws = [g.standard_normal((count, *shape[1:]), dtype=np.float32) for g, count in zip(generators, rows)]
-        return np.concatenate(draws, axis=0)
-
-    return noise
-
-
-def image_info(pipe, prompt: str, index: int, seed, settings: Settings, truncated: bool, batch: dict, timings: dict):
-    """What one image's info says (`Result.info`, imagen-serve's `data[i].imagen`, the PNG text chunks
-    take theirs from it): its request's prompt and seed, the settings, the bundle, the batch it ran in
-    (images and requests) and the batch's timings (seconds; `engine_calls` counts backend calls)."""
-    return {
-        "index": index,
-        "prompt": prompt,
-        "seed": seed,
-        **settings.to_info(),
-        "truncated": truncated,
-        "bundle_sha": pipe.bundle.short_sha,
-        "backend": pipe.backend_name,
-        "batch": dict(batch),
-        "timings": dict(timings),
-    }
 
 
 class Pipeline:
@@ -181,10 +109,14 @@ class Pipeline:
 
     def timesteps(self, settings: Settings) -> list[list[int]]:
         """The timesteps each Unet walks (a super-resolution Unet keeps the last sr_strength share)."""
-        return [
-            spaced_timesteps(total, steps, settings.sr_strength if index > 0 else 1.0)
-            for index, (total, steps) in enumerate(zip(self.bundle.timesteps, settings.steps, strict=True))
-        ]
+        out = []
+        for index, (stage, total, steps) in enumerate(
+            zip(self.bundle.unets, self.bundle.timesteps, settings.steps, strict=True)
+        ):
+            sampling = stage.how_sampled
+            strength = settings.sr_strength if index > 0 else 1.0
+            out.append(spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset))
+        return out
 
     def model_calls(self, settings: Settings) -> list[int]:
         """Unet calls per stage for these settings (what a progress bar counts to)."""
@@ -221,9 +153,28 @@ class Pipeline:
                 raise ParameterError("generator", "a numpy.random.Generator or None", type(generator).__name__)
             if generator is not None and request.seed is not None:
                 raise ParameterError("seed", "None when a generator is given", request.seed)
+            self._check_negative_prompt(request.negative_prompt)
         total = sum(request.images for request in requests)
         if total > self.max_batch:
             raise ParameterError("requests", f"at most {self.max_batch} images in all (the bundle's max batch)", total)
+
+    @property
+    def negative_prompts(self) -> bool:
+        """Whether the Unets take their unconditional rows from a negative prompt (else a learned null text)."""
+        return self.bundle.unets[0].how_sampled.unconditional == "negative_prompt"
+
+    def _check_negative_prompt(self, value) -> None:
+        if value is None:
+            return
+        if not isinstance(value, str):
+            raise ParameterError("negative_prompt", "a str or None", type(value).__name__)
+        if not self.negative_prompts:
+            raise ParameterError(
+                "negative_prompt",
+                "None for this bundle: its Unets take a learned null text, not a negative prompt's embedding "
+                "(bundles exported from DeepFloyd IF take one)",
+                value,
+            )
 
     def _checked(self, settings: Settings | None) -> Settings:
         """`settings` checked against this bundle (None: its defaults); a batch's requests carry the seeds."""
@@ -233,6 +184,16 @@ class Pipeline:
             raise ParameterError("settings", "a Settings (Pipeline.settings(...)) or None", type(settings).__name__)
         values = {name: getattr(settings, name) for name in ("steps", "sampler", "guidance_scale", "eta")}
         return self.settings(**values, sr_strength=settings.sr_strength)
+
+    def preprocess(self, prompts: list[str]) -> list[str]:
+        """The prompts as the bundle's model reads them (DeepFloyd IF lower-cases and strips them, and
+        cleans captions where the bundle says so; other bundles take them as given)."""
+        mode = self.bundle.manifest.tokenizer.preprocess
+        if mode == "none":
+            return prompts
+        from .captions import preprocess
+
+        return preprocess(prompts, mode)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Text embeddings (B, L, D) float32 for tokens (B, L) int64, in the encoder backend's namespace."""
@@ -278,17 +239,19 @@ class Pipeline:
         strict: bool = False,
         callback: Callable | None = None,
         generator: np.random.Generator | None = None,
+        negative_prompt: str | None = None,
     ) -> Result:
         """Images for `prompts` (a str or a list), a batch of one `Request`. None takes the bundle's
         default: `steps` (per Unet, an int or a list), `sampler`, `guidance_scale`, and `sr_strength`,
         the share of its steps a super-resolution Unet runs, starting from its noised upsampled input
         (1: from pure noise). `seed` or `generator` fixes the noise (one generator draws every image's
-        rows); `strict` turns prompt truncation into an error."""
+        rows); `strict` turns prompt truncation into an error. `negative_prompt` makes the unconditional
+        rows where the bundle takes them from a prompt (DeepFloyd IF; None: the empty prompt)."""
         prompts = self._prompts(prompts, num_images_per_prompt)
         settings = self.settings(
             steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, sr_strength=sr_strength, seed=seed
         )
-        request = Request(prompts, num_images_per_prompt, settings.seed, generator)
+        request = Request(prompts, num_images_per_prompt, settings.seed, generator, negative_prompt)
         return self.generate([request], settings, strict=strict, callback=callback)[0]
 
     def generate(
@@ -304,7 +267,15 @@ class Pipeline:
         settings = self._checked(settings)
         self._check_open()
         prompts = [prompt for request in requests for prompt in request.prompt_list]
-        input_ids, attention_mask, truncated = self.tokenizer(prompts, strict=strict)
+        negatives = []
+        if self.negative_prompts:
+            negatives = [request.negative_prompt or "" for request in requests for _ in request.prompt_list]
+        texts, empty_ok = prompts, False
+        if negatives or self.bundle.manifest.tokenizer.preprocess != "none":
+            # prompts are checked as given; a negative prompt may be "" and preprocessing may empty a prompt
+            checked = [validate_prompt(prompt, index) for index, prompt in enumerate(prompts)]
+            texts, empty_ok = self.preprocess(checked + negatives), True
+        input_ids, attention_mask, truncated = self.tokenizer(texts, strict=strict, allow_empty=empty_ok)
         timings = {"tokenize": time.perf_counter() - start}
         seeds = [secrets.randbelow(MAX_SEED) if r.seed is None and r.generator is None else r.seed for r in requests]
         generators = [
@@ -312,14 +283,25 @@ class Pipeline:
             for r, seed in zip(requests, seeds, strict=True)
         ]
         engine_start = time.perf_counter()
-        text_embeds = self.encode(input_ids, attention_mask)
-        timings[f"engine:{TEXT_ENCODER}"] = timings["engine"] = time.perf_counter() - engine_start
+        rows = len(prompts)
+        text_embeds = self.encode(input_ids[:rows], attention_mask[:rows])
         timings["engine_calls"] = 1
+        if negatives:  # encoded on their own, as the model's library does (and within the encoder's batch)
+            uncond_embeds = self.encode(input_ids[rows:], attention_mask[rows:])
+            timings["engine_calls"] = 2
+        timings[f"engine:{TEXT_ENCODER}"] = timings["engine"] = time.perf_counter() - engine_start
         counts = [request.n for request in requests for _ in request.prompt_list]
-        text_embeds, text_mask = self.text_conditioning(text_embeds, attention_mask, counts)
+        if negatives:
+            uncond_embeds, _ = self.text_conditioning(uncond_embeds, attention_mask[rows:], counts)
+        else:
+            uncond_embeds = None
+        text_embeds, text_mask = self.text_conditioning(text_embeds, attention_mask[:rows], counts)
         timings["text"] = time.perf_counter() - start
         noise = batch_noise(generators, [request.images for request in requests])
-        array = self.to_images(self.sample(text_embeds, text_mask, noise, settings, callback=callback, timings=timings))
+        images = self.sample(
+            text_embeds, text_mask, noise, settings, callback=callback, timings=timings, uncond_embeds=uncond_embeds
+        )
+        array = self.to_images(images)
         timings["total"] = time.perf_counter() - start
         return self._results(requests, seeds, array, truncated, settings, timings)
 
@@ -346,14 +328,20 @@ class Pipeline:
         *,
         callback: Callable | None = None,
         timings: dict | None = None,
+        uncond_embeds=None,
     ):
         """The cascade on encoded text: x (B, C, s, s) in [-1, 1] after the last Unet, in the loop's
         namespace. `noise(shape)` draws every random number, in the order of docs/bundle.md (NumPy
-        arrays, or arrays of the loop's namespace); text_embeds and text_mask are moved there too."""
+        arrays, or arrays of the loop's namespace); text_embeds and text_mask are moved there too.
+        `uncond_embeds` (B rows): a negative prompt's embeddings, for bundles that take them."""
         self._check_open()
         xp = self.xp
         text_embeds = to_namespace(xp, text_embeds, device=self.device)
         text_mask = to_namespace(xp, text_mask, like=text_embeds)
+        if self.negative_prompts and uncond_embeds is None:
+            raise ParameterError("uncond_embeds", "the negative prompts' embeddings for this bundle", None)
+        if uncond_embeds is not None:
+            uncond_embeds = to_namespace(xp, uncond_embeds, like=text_embeds)
         host_noise = noise
 
         def noise(shape):
@@ -369,22 +357,29 @@ class Pipeline:
         for index, (stage, timesteps) in enumerate(zip(self.bundle.unets, self.timesteps(settings), strict=True)):
             stage_start = time.perf_counter()
             size, schedule = manifest.image_sizes[index], self.bundle.schedules[stage.name]
-            lowres = {}
+            sampling = stage.how_sampled
+            shape, lowres, drawn = (batch, manifest.channels, size, size), {}, None
             if index > 0:
-                upsampled = resize_image(x, size)
+                if sampling.draw_order == "image_first":
+                    drawn = noise(shape)
+                upsampled = resize_image(x, size, align_corners=sampling.resize == "bilinear_align_corners")
                 timings["resize"] += time.perf_counter() - stage_start
                 lowres = self._lowres_inputs(upsampled, noise, float(defaults.lowres_sample_noise_level))
+            percentile = sampling.threshold_percentile or float(defaults.dynamic_thresholding_percentile)
             denoise = GuidedDenoiser(
                 self.backends[stage.name],
                 schedule,
                 text_embeds,
                 text_mask,
-                guidance_scale=settings.guidance_scale,
-                percentile=float(defaults.dynamic_thresholding_percentile),
+                guidance_scale=settings.guidance(index),
+                percentile=percentile,
                 name=stage.name,
+                uncond_embeds=uncond_embeds,
+                threshold_kind=sampling.threshold,
+                threshold_max=sampling.threshold_max,
                 **lowres,
             )
-            x = noise((batch, manifest.channels, size, size))
+            x = noise(shape) if drawn is None else drawn
             if index > 0 and settings.sr_strength < 1:
                 x = schedule.q_sample(upsampled, timesteps[0], x)
             step_callback = None if callback is None else (lambda i, t, x, index=index: callback(index, i, t, x))

@@ -1,7 +1,7 @@
 """PNG files with the settings that reproduce them: what imagen-run writes and imagen-serve and the
 Ray app answer, made by one function.
 
-The text chunks are the image's info (`pipeline.image_info`) under these keys, as text: the prompt,
+The text chunks are the image's info (`requests.image_info`) under these keys, as text: the prompt,
 the seed, the sampler, the steps per Unet (JSON), eta, sr_strength, the guidance scale and the
 bundle's hash. `pipe(prompt, seed=..., steps=..., ...)` on that bundle makes the image again.
 """

@@ -9,14 +9,17 @@ timestep goes to alpha_cumprod = 1 (no noise), so every sampler returns a clean 
 
 The array-API twin of `imagen.reference.samplers` (torch): same names, formulas, order of float32
 operations and noise draws. Keep the two files line for line alike (docs/bundle.md, Twins). The
-images may be arrays of any array API namespace (NumPy, CuPy, ...): the samplers only add and
-multiply them by Python floats, so they stay in their namespace and on their device.
+images may be arrays of any array API namespace (NumPy, CuPy, ...): the samplers add and multiply
+them by Python floats, and take the exponential of a learned log-variance through the array's own
+namespace, so they stay in their namespace and on their device.
 """
 
 import math
 from collections.abc import Callable
 
 import numpy as np
+
+from .arrays import namespace
 
 Array = object  # an array of any array API namespace (numpy.ndarray, cupy.ndarray, ...)
 Denoise = Callable[[Array, int], Array]  # (x, t) -> x0
@@ -29,17 +32,29 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
-def spaced_timesteps(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:
-    """`steps` timesteps evenly spaced from T-1 down to 0, round(linspace(T - 1, 0, steps)) (all T
-    when steps == T). With `strength` < 1 only the last max(1, round(steps * strength)) are kept:
-    a super-resolution Unet that starts from its noised upsampled input, like img2img's strength."""
+def spaced_timesteps(
+    num_timesteps: int, steps: int, strength: float = 1.0, spacing: str = "linspace", offset: int = 0
+) -> list[int]:
+    """`steps` timesteps from high to low. `linspace` (this project's rule): evenly spaced from T-1
+    down to 0, round(linspace(T - 1, 0, steps)) (all T when steps == T). diffusers' rules: `leading`,
+    k * (T // steps) for k = steps - 1 .. 0, plus `offset` (DeepFloyd IF: 100 steps of 1000 walk 990
+    .. 0); `trailing`, round(arange(T, 0, -T / steps)) - 1. With `strength` < 1 only the last
+    max(1, round(steps * strength)) are kept: a super-resolution Unet that starts from its noised
+    upsampled input, like img2img's strength."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if steps == 1:
-        return [num_timesteps - 1]
-    spaced = [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int64)]
+    if spacing == "leading":
+        spaced = [int(k * (num_timesteps // steps)) + offset for k in range(steps - 1, -1, -1)]
+    elif spacing == "trailing":
+        spaced = [int(t) - 1 for t in np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64)]
+    elif spacing != "linspace":
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose linspace, leading or trailing")
+    elif steps == 1:
+        spaced = [num_timesteps - 1]
+    else:
+        spaced = [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int64)]
     return spaced if strength == 1 else spaced[-max(1, round(steps * strength)) :]
 
 
@@ -66,17 +81,25 @@ def sample_ddpm(
 ) -> Array:
     """Ancestral DDPM over any subset of the trained timesteps: DDPM eq. 6-7 with the step's
     beta = 1 - a_t / a_s, as in improved DDPM's respacing (exactly DDPM with all T timesteps).
-    `eta` is ignored (the noise is always the posterior's)."""
+    `eta` is ignored (the noise is always the posterior's). A denoiser whose Unet learns its variance
+    (`denoise.variance`, set by each call: v in [-1, 1]) gets improved DDPM's learned range, the log
+    variance frac log beta + (1 - frac) log beta_tilde with frac = (v + 1) / 2, per pixel."""
     for i, t, a_t, a_s in _pairs(alphas_cumprod, timesteps):
         beta = 1.0 - a_t / a_s
-        variance = beta * (1.0 - a_s) / (1.0 - a_t)  # beta tilde, DDPM eq. 7
+        variance = max(beta * (1.0 - a_s) / (1.0 - a_t), 1e-20)  # beta tilde, DDPM eq. 7, clipped for its log
         c1 = _f32(beta * math.sqrt(a_s) / (1.0 - a_t))  # the posterior mean is c1 * x0 + c2 * x_t (eq. 7)
         c2 = _f32((1.0 - a_s) * math.sqrt(1.0 - beta) / (1.0 - a_t))
-        c3 = _f32(math.exp(0.5 * math.log(max(variance, 1e-20))))  # its std, from the clipped log variance
+        c3 = _f32(math.exp(0.5 * math.log(variance)))  # its std, from the clipped log variance
         x0 = denoise(x, t)
         x = c1 * x0 + c2 * x
         if i + 1 < len(timesteps):  # the last step goes to alpha_cumprod = 1 and adds no noise
-            x = x + c3 * noise(tuple(x.shape))
+            learned = getattr(denoise, "variance", None)
+            if learned is None:
+                x = x + c3 * noise(tuple(x.shape))
+            else:
+                frac = (learned + 1.0) / 2.0
+                log_variance = frac * _f32(math.log(beta)) + (1.0 - frac) * _f32(math.log(variance))
+                x = x + namespace(x).exp(0.5 * log_variance) * noise(tuple(x.shape))
         if callback is not None:
             callback(i, t, x)
     return x

@@ -1,9 +1,10 @@
 """The noise schedule, from the manifest's float64 betas (docs/bundle.md, Schedule).
 
-Everything is float64; `coef(name, t)` casts one coefficient to float32, which is how a
-coefficient meets an image. The array-API twin of `imagen.reference.diffusion.GaussianDiffusion`
-for what sampling needs: `q_sample`, `predict_start_from_noise`, `noise_level_timestep`
-(the timesteps themselves come from `samplers.spaced_timesteps`).
+Everything is float64 (the cumulative product as the manifest gives it, where it does);
+`coef(name, t)` casts one coefficient to float32, which is how a coefficient meets an image. The
+array-API twin of `imagen.reference.diffusion.GaussianDiffusion` for what sampling needs:
+`q_sample`, `predict_start_from_noise`, `noise_level_timestep` (the timesteps themselves come from
+`samplers.spaced_timesteps`).
 """
 
 import numpy as np
@@ -12,7 +13,7 @@ from .errors import BundleError
 
 
 class Schedule:
-    def __init__(self, betas):
+    def __init__(self, betas, alphas_cumprod=None):
         try:
             betas = np.asarray(betas, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):  # strings, nested lists, ints too large for a float
@@ -28,6 +29,11 @@ class Schedule:
         self.betas = betas
         self.num_timesteps = int(betas.size)
         self.alphas_cumprod = np.cumprod(1.0 - betas)
+        if alphas_cumprod is not None:  # as the model's library took them (diffusers: float32, torch's cumprod)
+            given = np.asarray(alphas_cumprod, dtype=np.float64)
+            if given.shape != betas.shape or not np.all((given > 0) & (given < 1)):
+                raise BundleError("schedule alphas_cumprod must hold one number in (0, 1) per beta; re-export")
+            self.alphas_cumprod = given
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)

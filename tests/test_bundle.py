@@ -84,8 +84,8 @@ BROKEN = {
     "symlink escaping": (_escape_symlink, r"unet_0\.onnx.*outside the bundle"),
     "missing stage": (_remove_stage, r"manifest\.json.*stage 'unet_1' is missing"),
     "unknown version": (
-        lambda r: edit_manifest(r, _set(["format_version"], 2)),
-        r"manifest\.json.*format_version 2.*supported: 1.*re-export",
+        lambda r: edit_manifest(r, _set(["format_version"], 3)),
+        r"manifest\.json.*format_version 3.*supported: 1, 2.*re-export",
     ),
     "not json": (lambda r: (r / "manifest.json").write_text("{nope"), r"manifest\.json is not valid JSON"),
     "dotdot path": (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from imagen.export.parity import relative_error
-from imagen.runtime.guidance import apply_guidance, dynamic_threshold
+from imagen.runtime.guidance import apply_guidance, dynamic_threshold, threshold
 from imagen.runtime.images import resize_image
 from imagen.runtime.samplers import run_sampler, spaced_timesteps
 from imagen.runtime.schedule import Schedule
@@ -67,6 +67,7 @@ def test_guidance_and_dynamic_threshold_match_reference(seed):
 
     from imagen.reference.guidance import apply_guidance as ref_guidance
     from imagen.reference.guidance import dynamic_threshold as ref_threshold
+    from imagen.reference.guidance import threshold as ref_threshold_kind
 
     rng = np.random.default_rng(seed)
     cond, uncond = (rng.standard_normal((3, 3, 8, 8), dtype=np.float32) * 2 for _ in range(2))
@@ -86,17 +87,23 @@ def test_guidance_and_dynamic_threshold_match_reference(seed):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
         assert np.abs(ours).max() <= 1.0 + 1e-6
     np.testing.assert_array_equal(dynamic_threshold(x0[:1] * 0.1, 0.9), x0[:1] * 0.1)  # s = 1: unchanged
+    for kind, maximum in (("dynamic", 1.5), ("dynamic", 1.0), ("clip", None), ("none", None)):
+        ours = threshold(x0, kind, 0.95, maximum)
+        theirs = ref_threshold_kind(torch.from_numpy(x0), kind, 0.95, maximum).numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6, err_msg=kind)
+        assert np.abs(ours).max() <= (1.0 + 1e-6 if kind != "none" else np.abs(x0).max())
 
 
-@pytest.mark.parametrize("n_in,n_out", [(16, 32), (8, 64), (5, 13), (32, 32), (3, 4)])
-def test_resize_matches_reference(n_in, n_out):
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("n_in,n_out", [(16, 32), (8, 64), (5, 13), (32, 32), (3, 4), (64, 256)])
+def test_resize_matches_reference(n_in, n_out, align_corners):
     import torch
 
     from imagen.reference.images import resize_image as ref_resize
 
     x = np.random.default_rng(n_in * n_out).standard_normal((2, 3, n_in, n_in), dtype=np.float32)
-    ours = resize_image(x, n_out)
-    theirs = ref_resize(torch.from_numpy(x), n_out).numpy()
+    ours = resize_image(x, n_out, align_corners=align_corners)
+    theirs = ref_resize(torch.from_numpy(x), n_out, align_corners=align_corners).numpy()
     assert ours.shape == (2, 3, n_out, n_out) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
 
@@ -178,3 +185,62 @@ def test_the_runtime_runs_every_sampler_the_contract_names():
     from imagen.runtime.samplers import SAMPLERS
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES
+
+
+@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0)])
+def test_diffusers_spacings_match_reference(spacing, offset):
+    from imagen.reference.samplers import spaced_timesteps as reference_timesteps
+
+    for steps in (1, 3, 50, 100, 1000):
+        ours = spaced_timesteps(1000, steps, 1.0, spacing, offset)
+        assert ours == reference_timesteps(1000, steps, 1.0, spacing, offset)
+        assert len(ours) == steps and ours == sorted(ours, reverse=True)
+
+
+class _LearnedVariance:
+    """A denoiser with a learned variance (DeepFloyd IF's Unets) for either namespace: x0 as the fake
+    denoisers above, variance v = tanh(x) in [-1, 1]."""
+
+    def __init__(self, torch_side: bool):
+        self.torch_side, self.variance = torch_side, None
+
+    def __call__(self, x, t):
+        if self.torch_side:
+            import torch
+
+            self.variance = torch.tanh(x)
+            return _fake_denoise_torch(x, t)
+        self.variance = np.tanh(x)
+        return _fake_denoise_np(x, t)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 30])
+def test_learned_variance_ddpm_matches_reference(steps):
+    import torch
+
+    from imagen.reference.diffusion import GaussianDiffusion
+    from imagen.reference.imagen import make_noise_source
+    from imagen.reference.samplers import sample_ddpm as ref_sample_ddpm
+    from imagen.runtime.samplers import sample_ddpm
+
+    reference = GaussianDiffusion(timesteps=30, schedule="cosine")
+    schedule = Schedule(reference.betas_array)
+    timesteps = spaced_timesteps(30, steps, spacing="leading")
+    start = np.random.default_rng(2).standard_normal((2, 3, 8, 8), dtype=np.float32)
+    gen_a, gen_b = (np.random.Generator(np.random.PCG64(5)) for _ in range(2))
+    ours = sample_ddpm(
+        _LearnedVariance(False), start.copy(), schedule.alphas_cumprod, timesteps,
+        lambda shape: gen_a.standard_normal(shape, dtype=np.float32),
+    )  # fmt: skip
+    theirs = ref_sample_ddpm(
+        _LearnedVariance(True), torch.from_numpy(start.copy()), reference.alphas_cumprod.numpy(), timesteps,
+        make_noise_source(gen_b),
+    )  # fmt: skip
+    assert relative_error(ours, theirs.numpy()) <= 1e-5
+    assert gen_a.bit_generator.state == gen_b.bit_generator.state
+    fixed = sample_ddpm(
+        _fake_denoise_np, start.copy(), schedule.alphas_cumprod, timesteps,
+        lambda shape: np.random.Generator(np.random.PCG64(5)).standard_normal(shape, dtype=np.float32),
+    )  # fmt: skip
+    if steps > 1:  # the learned variance changes the noise it adds
+        assert relative_error(ours, fixed) > 1e-3

@@ -30,6 +30,7 @@ WHERE = {
     "Parity": "stages.<name>.parity",
     "TensorRTEntry": "tensorrt",
     "Source": "source",
+    "SamplingEntry": "stages.<name>.sampling",
 }
 
 
@@ -128,6 +129,14 @@ def signatures_table() -> str:
         ("`text_encoder`", text_encoder_signature(L, D, MAX_BATCH)),
         ("base Unet (`unet_0`)", unet_signature(0, S, L, D, False, MAX_BATCH, C)),
         ("super-resolution Unet (`unet_1`, ...)", unet_signature(1, S, L, D, True, MAX_BATCH, C)),
+        (
+            "base Unet, negative prompt and learned variance (DeepFloyd IF)",
+            unet_signature(0, S, L, D, False, MAX_BATCH, C, null_text=False, learned_variance=True),
+        ),
+        (
+            "super-resolution Unet, the same (DeepFloyd IF)",
+            unet_signature(1, S, L, D, True, MAX_BATCH, C, null_text=False, learned_variance=True),
+        ),
     ]
     lines = ["| stage | inputs | outputs | batch min / opt / max |", "|---|---|---|---|"]
     for name, signature in stages:

@@ -83,11 +83,15 @@ class Parity:
 
 @dataclass(frozen=True)
 class ScheduleEntry:
-    """float64 betas; `kind` and `timesteps` say which recipe made them."""
+    """float64 betas; `kind` and `timesteps` say which recipe made them. `alphas_cumprod`, when
+    present, is the cumulative product of 1 - beta as the model's own library takes it (diffusers:
+    in float32, by torch's cumprod, whose rounding differs from a running product), used instead of
+    the runtime's float64 product."""
 
     betas: tuple
     kind: str = "linear"
     timesteps: int | None = None
+    alphas_cumprod: tuple | None = None
 
     @classmethod
     def from_json(cls, name: str, entry) -> "ScheduleEntry":
@@ -98,14 +102,26 @@ class ScheduleEntry:
         if not betas or not all(is_number(b) and 0 < b < 1 for b in betas):
             raise json_error(where, "betas must be a non-empty list of numbers in (0, 1)")
         kind = entry.get("kind", "linear")
+        cumprod = entry.get("alphas_cumprod")
+        if cumprod is not None and (
+            not isinstance(cumprod, list)
+            or len(cumprod) != len(betas)
+            or not all(is_number(a) and 0 < a < 1 for a in cumprod)
+            or any(b > a for a, b in zip(cumprod, cumprod[1:]))
+        ):
+            raise json_error(f"{where}.alphas_cumprod", "must be null or one non-increasing number in (0, 1) per beta")
         return cls(
             tuple(betas),
             kind if isinstance(kind, str) else "linear",
             entry.get("timesteps") if is_int(entry.get("timesteps")) else None,
+            None if cumprod is None else tuple(cumprod),
         )
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "timesteps": self.timesteps, "betas": list(self.betas)}
+        out = {"kind": self.kind, "timesteps": self.timesteps, "betas": list(self.betas)}
+        if self.alphas_cumprod is not None:
+            out["alphas_cumprod"] = list(self.alphas_cumprod)
+        return out
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from .entries import (
     json_field,
     json_object,
 )
-from .settings import check_sampler, check_sr_strength, check_steps, is_int
+from .sampling import SamplingEntry
+from .settings import check_sampler, check_sr_strength, check_steps, is_int, is_number
 from .signatures import (
     BATCH,
     FORMAT,
@@ -28,6 +29,7 @@ from .signatures import (
     LOWRES,
     MANIFEST,
     MAX_TOKEN_ID,
+    PREPROCESS_MODES,
     REEXPORT,
     SUPPORTED_VERSIONS,
     TOKENIZER_KINDS,
@@ -66,6 +68,7 @@ class StageEntry:
     external_data: tuple[FileEntry, ...] = ()
     image_size: int | None = None  # Unets only
     lowres_cond: bool | None = None  # Unets only: true for super-resolution Unets
+    sampling: SamplingEntry | None = None  # Unets only; absent: sampled as format 1 bundles are
 
     @classmethod
     def from_json(cls, name: str, entry) -> "StageEntry":
@@ -96,7 +99,13 @@ class StageEntry:
             external_data=tuple(FileEntry.from_json(e, f"stage {name} external data {i}") for i, e in enumerate(extra)),
             image_size=json_field(entry, "image_size", int, f"{where}.", None),
             lowres_cond=json_field(entry, "lowres_cond", bool, f"{where}.", None),
+            sampling=None if entry.get("sampling") is None else SamplingEntry.from_json(name, entry["sampling"]),
         )
+
+    @property
+    def how_sampled(self) -> SamplingEntry:
+        """The stage's sampling entry, or the defaults when it has none."""
+        return self.sampling or SamplingEntry()
 
     def to_json(self) -> dict:
         out = {**self.file.to_json(), "precision": self.precision, **self.signature.to_json()}
@@ -110,6 +119,8 @@ class StageEntry:
             out["image_size"] = self.image_size
         if self.lowres_cond is not None:
             out["lowres_cond"] = self.lowres_cond
+        if self.sampling is not None:
+            out["sampling"] = self.sampling.to_json()
         return out
 
 
@@ -124,6 +135,7 @@ class TokenizerEntry:
     max_length: int | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)
     extra_ids: int = 0  # sentencepiece: T5's <extra_id_0> ... are the last ids of the vocabulary
+    preprocess: str = "none"  # PREPROCESS_MODES: DeepFloyd IF lower-cases and strips, or cleans captions
 
     @classmethod
     def from_json(cls, entry) -> "TokenizerEntry":
@@ -141,12 +153,17 @@ class TokenizerEntry:
         extra_ids = entry.get("extra_ids", 0)
         if not is_int(extra_ids) or not 0 <= extra_ids < MAX_TOKEN_ID:
             raise json_error("tokenizer.extra_ids", f"is {extra_ids!r}; expected an integer in [0, {MAX_TOKEN_ID})")
+        preprocess = entry.get("preprocess", "none")
+        if preprocess not in PREPROCESS_MODES:
+            modes = ", ".join(PREPROCESS_MODES)
+            raise json_error("tokenizer.preprocess", f"is {preprocess!r}; expected one of {modes}")
         return cls(
             kind,
             **ids,
             max_length=entry.get("max_length") if is_int(entry.get("max_length")) else None,
             files={name: FileEntry.from_json(e, f"tokenizer file {name}") for name, e in files.items()},
             extra_ids=extra_ids,
+            preprocess=preprocess,
         )
 
     def to_json(self) -> dict:
@@ -157,14 +174,17 @@ class TokenizerEntry:
         out["files"] = {name: e.to_json() for name, e in self.files.items()}
         if self.extra_ids:
             out["extra_ids"] = self.extra_ids
+        if self.preprocess != "none":
+            out["preprocess"] = self.preprocess
         return out
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """The settings a request takes when it leaves them out."""
+    """The settings a request takes when it leaves them out. `guidance_scale` and `steps` may give
+    each Unet its own ({"unet_i": value}, DeepFloyd IF's 7 and 4)."""
 
-    guidance_scale: float
+    guidance_scale: float | dict
     dynamic_thresholding_percentile: float
     lowres_sample_noise_level: float
     sampler: str = "ddpm"
@@ -176,15 +196,21 @@ class Defaults:
         entry = json_object(entry, "defaults")
         numbers = {
             k: json_field(entry, k, float, "defaults.")
-            for k in ("guidance_scale", "dynamic_thresholding_percentile", "lowres_sample_noise_level")
+            for k in ("dynamic_thresholding_percentile", "lowres_sample_noise_level")
         }
+        guidance = entry.get("guidance_scale")
+        if isinstance(guidance, dict):
+            if not all(is_number(v) and v >= 0 for v in guidance.values()):
+                raise json_error("defaults.guidance_scale", "must map Unet names to numbers >= 0")
+        else:
+            numbers["guidance_scale"] = json_field(entry, "guidance_scale", float, "defaults.")
         if (
             not 0 < numbers["dynamic_thresholding_percentile"] <= 1
             or not 0 <= numbers["lowres_sample_noise_level"] <= 1
         ):
             raise json_error("defaults", "out of range (percentile in (0, 1], noise level in [0, 1])")
         defaults = cls(
-            **numbers,
+            **{"guidance_scale": guidance, **numbers},
             sampler=entry.get("sampler", "ddpm"),
             steps=entry.get("steps"),
             sr_strength=entry.get("sr_strength"),
@@ -209,6 +235,15 @@ class Defaults:
                 "defaults.steps",
                 f'{self.steps!r} is not null, an integer in [1, timesteps] or {{"unet_i": n}} per Unet',
             ) from None
+
+    def guidance_per_unet(self, unets: int) -> float | tuple[float, ...]:
+        """The default guidance scale: one number, or one per Unet (every Unet named)."""
+        if not isinstance(self.guidance_scale, dict):
+            return self.guidance_scale
+        names = [unet_name(i) for i in range(unets)]
+        if set(self.guidance_scale) != set(names):
+            raise json_error("defaults.guidance_scale", f"must name every Unet ({', '.join(names)}) or be one number")
+        return tuple(float(self.guidance_scale[name]) for name in names)
 
     def to_json(self) -> dict:
         out = {
@@ -238,7 +273,7 @@ class Manifest:
     tensorrt: TensorRTEntry | None = None
     producer: dict | None = None
     source: Source | None = None
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # None: the lowest version that says everything (`required_version`)
 
     @classmethod
     def from_json(cls, data) -> "Manifest":
@@ -271,7 +306,7 @@ class Manifest:
         schedules = json_object(data.get("schedules"), "schedules")
         schedule_names = names[1:] + ([LOWRES] if len(sizes) > 1 else [])
         tensorrt = data.get("tensorrt")
-        return cls(
+        manifest = cls(
             channels=json_field(data, "channels", int, ""),
             image_sizes=tuple(sizes),
             max_length=json_field(text, "max_length", int, "text."),
@@ -285,9 +320,28 @@ class Manifest:
             source=Source.from_json(data.get("source")),
             format_version=version,
         )
+        if manifest.required_version > version:
+            raise json_error(
+                "format_version",
+                f"is {version}, but the manifest uses fields of format {manifest.required_version} (a stage's sampling "
+                "entry, a prompt preprocessing, a schedule's alphas_cumprod or a guidance scale per Unet)",
+            )
+        return manifest
+
+    @property
+    def required_version(self) -> int:
+        """1, unless a field that format 1 runtimes do not read is used: then FORMAT_VERSION, so that
+        they refuse the bundle instead of sampling it as format 1."""
+        newer = (
+            any(stage.sampling is not None and not stage.sampling.is_default for stage in self.stages.values())
+            or self.tokenizer.preprocess != "none"
+            or any(schedule.alphas_cumprod is not None for schedule in self.schedules.values())
+            or isinstance(self.defaults.guidance_scale, dict)
+        )
+        return FORMAT_VERSION if newer else 1
 
     def to_json(self) -> dict:
-        out = {"format": FORMAT, "format_version": self.format_version}
+        out = {"format": FORMAT, "format_version": self.format_version or self.required_version}
         if self.producer is not None:
             out["producer"] = self.producer
         if self.source is not None:

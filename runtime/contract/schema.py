@@ -13,6 +13,7 @@ import typing
 
 from .entries import FileEntry, Parity, ScheduleEntry, Source, TensorRTEntry
 from .manifest import Defaults, Manifest, StageEntry, TokenizerEntry
+from .sampling import CHOICES, SamplingEntry
 from .settings import SAMPLER_NAMES
 from .signatures import (
     BATCH,
@@ -20,6 +21,7 @@ from .signatures import (
     FORMAT_VERSION,
     LOWRES,
     MAX_TOKEN_ID,
+    PREPROCESS_MODES,
     SUPPORTED_VERSIONS,
     TEXT_ENCODER,
     TOKENIZER_KINDS,
@@ -29,7 +31,7 @@ from .signatures import (
 )
 
 RECORDS = (Manifest, Defaults, TokenizerEntry, ScheduleEntry, StageEntry, TensorSpec, FileEntry, Parity)
-RECORDS += (TensorRTEntry, Source)
+RECORDS += (TensorRTEntry, Source, SamplingEntry)
 HEADER = {"format": {"const": FORMAT}, "format_version": {"enum": list(SUPPORTED_VERSIONS)}}
 UNET = f"{unet_name(0)[:-1]}[0-9]+"  # unet_0, unet_1, ...
 PRECISIONS = ("fp32", "fp16")
@@ -70,7 +72,12 @@ CONSTRAINTS = {
     (TokenizerEntry, "offset"): TOKEN_ID,
     (TokenizerEntry, "extra_ids"): TOKEN_ID,
     (TokenizerEntry, "max_length"): POSITIVE,
-    (Defaults, "guidance_scale"): NON_NEGATIVE,
+    (TokenizerEntry, "preprocess"): {"enum": list(PREPROCESS_MODES)},
+    (Defaults, "guidance_scale"): {  # one number for every Unet, or {"unet_i": number} naming each
+        **NON_NEGATIVE,
+        "propertyNames": {"pattern": f"^{UNET}$"},
+        "additionalProperties": {"type": "number", **NON_NEGATIVE},
+    },
     (Defaults, "dynamic_thresholding_percentile"): SHARE,
     (Defaults, "lowres_sample_noise_level"): {"minimum": 0, "maximum": 1},
     (Defaults, "sampler"): {"enum": list(SAMPLER_NAMES)},
@@ -85,6 +92,14 @@ CONSTRAINTS = {
         "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
     },
     (ScheduleEntry, "timesteps"): POSITIVE,
+    (ScheduleEntry, "alphas_cumprod"): {
+        "minItems": 1,
+        "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    },
+    **{(SamplingEntry, key): {"enum": list(choices)} for key, choices in CHOICES.items()},
+    (SamplingEntry, "steps_offset"): {"minimum": 0, "exclusiveMaximum": 1000},
+    (SamplingEntry, "threshold_percentile"): SHARE,
+    (SamplingEntry, "threshold_max"): {"minimum": 1},
     (StageEntry, "precision"): {"enum": list(PRECISIONS)},
     (StageEntry, "flops"): NON_NEGATIVE,
     (StageEntry, "image_size"): POSITIVE,

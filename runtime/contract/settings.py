@@ -61,6 +61,16 @@ def check_guidance_scale(value) -> float:
     return float(value)
 
 
+def check_guidance_per_unet(value, unets: int) -> float | tuple[float, ...]:
+    """A number for every Unet, or a list with one per Unet (a tuple; equal values become one number)."""
+    if not isinstance(value, (list, tuple)):
+        return check_guidance_scale(value)
+    if len(value) != unets:
+        raise ParameterError("guidance_scale", f"a number >= 0 or a list of {unets} (one per Unet)", value)
+    values = tuple(check_guidance_scale(v) for v in value)
+    return values[0] if len(set(values)) == 1 else values
+
+
 def check_eta(value) -> float:
     if not is_number(value) or not 0 <= value <= 1:
         raise ParameterError("eta", "a number in [0, 1]", value)
@@ -83,11 +93,12 @@ def check_steps_per_unet(steps, timesteps: Sequence[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    """What one request samples with. `steps` has one entry per Unet; `seed` None draws one."""
+    """What one request samples with. `steps` has one entry per Unet; `guidance_scale` is one number
+    for every Unet or a tuple of one per Unet; `seed` None draws one."""
 
     sampler: str
     steps: tuple[int, ...]
-    guidance_scale: float
+    guidance_scale: float | tuple[float, ...]
     eta: float = 0.0
     sr_strength: float = 1.0
     seed: int | None = None
@@ -108,18 +119,25 @@ class Settings:
         return Settings(
             sampler=self.sampler if sampler is None else check_sampler(sampler),
             steps=self.steps if steps is None else check_steps_per_unet(steps, timesteps),
-            guidance_scale=self.guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale),
+            guidance_scale=self.guidance_scale
+            if guidance_scale is None
+            else check_guidance_per_unet(guidance_scale, len(timesteps)),
             eta=self.eta if eta is None else check_eta(eta),
             sr_strength=self.sr_strength if sr_strength is None else check_sr_strength(sr_strength),
             seed=self.seed if seed is None else check_seed(seed),
         )
+
+    def guidance(self, unet: int) -> float:
+        """The guidance scale of Unet `unet`."""
+        scale = self.guidance_scale
+        return scale[unet] if isinstance(scale, tuple) else scale
 
     def to_info(self) -> dict:
         """The settings as they go into a result's info and PNG metadata."""
         return {
             "sampler": self.sampler,
             "steps": list(self.steps),
-            "guidance_scale": self.guidance_scale,
+            "guidance_scale": list(scale) if isinstance(scale := self.guidance_scale, tuple) else scale,
             "eta": self.eta,
             "sr_strength": self.sr_strength,
         }

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT, FORMAT_VERSION = "imagen-bundle", 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT, FORMAT_VERSION = "imagen-bundle", 2
+SUPPORTED_VERSIONS = (1, 2)  # 2: stages may say how they are sampled (contract/sampling.py)
 MANIFEST = "manifest.json"
 REEXPORT = "re-export the bundle with imagen-export"
 BATCH = "batch"  # the symbolic batch dimension of every stage input and output
 TEXT_ENCODER = "text_encoder"
 LOWRES = "lowres"  # the schedule that noises the low-res conditioning image
 TOKENIZER_KINDS = ("byte", "sentencepiece")
+PREPROCESS_MODES = ("none", "lower_strip", "clean_caption")  # what a prompt goes through before tokens
 MAX_TOKEN_ID = 2**31 - 256  # token ids (byte + offset included) must fit int64 with room to spare
 
 
@@ -116,27 +117,46 @@ def text_encoder_signature(max_length: int, embed_dim: int, max_batch: int) -> S
 
 
 def unet_signature(
-    index: int, image_size: int, max_length: int, embed_dim: int, lowres_cond: bool, max_batch: int, channels: int = 3
+    index: int,
+    image_size: int,
+    max_length: int,
+    embed_dim: int,
+    lowres_cond: bool,
+    max_batch: int,
+    channels: int = 3,
+    *,
+    null_text: bool = True,
+    learned_variance: bool = False,
 ) -> StageSignature:
     """The Unet inputs, in the order of the reference Unet's forward. A Unet stage runs cond and
-    uncond rows together (classifier-free guidance in one call), so its batch goes up to 2 * max_batch."""
+    uncond rows together (classifier-free guidance in one call), so its batch goes up to 2 * max_batch.
+
+    `null_text`: the Unet swaps in its learned null text for rows whose `text_keep` is false and
+    masks padded tokens with `text_mask` (this project's Unets, MinImagen's, imagen-pytorch's);
+    without it the unconditional rows are a negative prompt's embeddings and the Unet reads every
+    token (DeepFloyd IF). `learned_variance`: the Unet also outputs `variance_pred`, the learned
+    interpolation in [-1, 1] between the posterior's log-variance and log beta (IF's
+    `learned_range`)."""
     image = (BATCH, channels, image_size, image_size)
     inputs = [
         TensorSpec("x", "float32", image),
         TensorSpec("time", "float32", (BATCH,)),
         TensorSpec("text_embeds", "float32", (BATCH, max_length, embed_dim)),
-        TensorSpec("text_mask", "bool", (BATCH, max_length)),
-        TensorSpec("text_keep", "bool", (BATCH,)),
     ]
+    if null_text:
+        inputs += [TensorSpec("text_mask", "bool", (BATCH, max_length)), TensorSpec("text_keep", "bool", (BATCH,))]
     if lowres_cond:
         inputs += [
             TensorSpec("lowres_cond_img", "float32", image),
             TensorSpec("lowres_noise_times", "float32", (BATCH,)),
         ]
+    outputs = [TensorSpec("noise_pred", "float32", image)]
+    if learned_variance:
+        outputs.append(TensorSpec("variance_pred", "float32", image))
     return StageSignature(
         unet_name(index),
         inputs=tuple(inputs),
-        outputs=(TensorSpec("noise_pred", "float32", image),),
+        outputs=tuple(outputs),
         batch_min=1,
         batch_opt=2,
         batch_max=2 * max_batch,
