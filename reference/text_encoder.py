@@ -225,12 +225,14 @@ def tiny_t5_config(vocab_size: int = 384, d_model: int = 128, num_layers: int = 
 
 
 class TextEncoder(nn.Module):
-    """T5 encoder + tokenizer; `forward(input_ids, attention_mask) -> text_embeds` is the exported stage."""
+    """T5 encoder + tokenizer; `forward(input_ids, attention_mask) -> text_embeds` is the exported stage.
+    `zero_padding=False` keeps the embeddings at padding positions (DeepFloyd IF's Unets read every one)."""
 
-    def __init__(self, model, tokenizer: ByteTokenizer):
+    def __init__(self, model, tokenizer: ByteTokenizer, *, zero_padding: bool = True):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.zero_padding = zero_padding
         self.embed_dim = model.config.d_model
         self.max_length = tokenizer.max_length
 
@@ -282,6 +284,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not self.zero_padding:
+            return hidden
         return hidden * attention_mask[:, :, None].to(hidden.dtype)
 
     @torch.no_grad()
