@@ -146,12 +146,22 @@ def export_bundle(
     report: Callable[[str], None] | None = None,
     **fields,
 ) -> Manifest:
-    """Exports every stage of the run or MinImagen directory `ckpt` into the bundle folder `out`,
-    measures parity, optionally builds TensorRT engines; returns the manifest.
+    """Exports every stage of the run or MinImagen directory `ckpt` (or DeepFloyd IF stage I folder,
+    `deepfloyd_bundle`) into the bundle folder `out`, measures parity, optionally builds TensorRT
+    engines; returns the manifest.
 
     `options` says how (`ExportOptions`, whose fields may also be given as keywords: `fp16=True`
     alone, or over `options`); `report` receives one line per step."""
     options = ExportOptions(**fields) if options is None else replace(options, **fields)
+    from .deepfloyd_bundle import export_if_bundle, is_if_folder
+
+    if is_if_folder(ckpt):
+        return export_if_bundle(ckpt, out, options, report=report)
+    if options.stage2 is not None:
+        raise ExportError(
+            f"--stage2 names a DeepFloyd IF stage II folder; {ckpt} is not an IF stage I folder (no "
+            "model_index.json): drop --stage2, or pass the IF stage I folder as --ckpt"
+        )
     say = report or (lambda message: None)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

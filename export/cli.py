@@ -19,7 +19,14 @@ DEFAULTS = ExportOptions()
     "--ckpt",
     required=True,
     type=click.Path(),
-    help="A run directory of imagen-train, or a MinImagen training directory.",
+    help="A run directory of imagen-train, a MinImagen training directory, or a DeepFloyd IF stage I "
+    "folder (IFPipeline.save_pretrained).",
+)
+@click.option(
+    "--stage2",
+    type=click.Path(),
+    default=None,
+    help="DeepFloyd IF: the stage II folder (IFSuperResolutionPipeline.save_pretrained) that upscales stage I.",
 )
 @click.option("--out", default="bundle", show_default=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--fp16", is_flag=True, help="FP16 Unets (FP32 inputs and outputs); the T5 encoder stays FP32.")
@@ -42,7 +49,10 @@ DEFAULTS = ExportOptions()
 )
 @click.option("--opset", type=click.IntRange(*OPSETS), default=DEFAULTS.opset, show_default=True)
 @click.option(
-    "--text-encoder", type=click.Path(), default=None, help="Local T5 folder (needed for MinImagen directories)."
+    "--text-encoder",
+    type=click.Path(),
+    default=None,
+    help="Local T5 folder (needed for MinImagen directories; for IF, when stage I's folder has no text_encoder/).",
 )
 @click.option(
     "--sampler",
@@ -55,7 +65,7 @@ DEFAULTS = ExportOptions()
     "--steps",
     type=click.IntRange(min=1),
     default=DEFAULTS.steps,
-    help="The bundle's default steps per Unet (default: every trained timestep).",
+    help="The bundle's default steps per Unet (default: every trained timestep; IF: 100 and 50, its pipelines').",
 )
 @click.option(
     "--sr-strength",

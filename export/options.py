@@ -22,7 +22,8 @@ class ExportOptions:
       builds version-compatible ones (also run by the lean runtime of the same version) and implies it.
     - `weights`: which checkpoint of a run (`WEIGHT_KINDS`); `text_encoder`: a T5 folder (needed for
       MinImagen directories, else it replaces the run's own); `unets=K`: the first K Unets of a
-      MinImagen directory (a complete, smaller cascade).
+      MinImagen directory (a complete, smaller cascade); `stage2`: a DeepFloyd IF stage II folder
+      (IFSuperResolutionPipeline), when the checkpoint is an IF stage I folder.
     - `max_batch`: the largest number of images per call (Unets see twice this: cond + uncond);
       `opset`: the ONNX opset.
     - `sampler`, `steps`, `sr_strength`: the bundle's defaults (steps None: every trained timestep;
@@ -38,6 +39,7 @@ class ExportOptions:
     weights: str = "latest"
     text_encoder: str | Path | None = None
     unets: int | None = None
+    stage2: str | Path | None = None
     max_batch: int = 8
     opset: int = 18
     sampler: str = "ddpm"

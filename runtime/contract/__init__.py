@@ -1,6 +1,6 @@
 """The bundle contract (docs/bundle.md): what `imagen-export` writes and the runtime reads,
 declared once. `signatures` holds the stage signatures and the names; `manifest` the typed
-manifest.json, `entries` its small records and field readers, and `settings` a request's
+manifest.json, `entries` its small records and field readers, `sampling` how a Unet stage is sampled, and `settings` a request's
 sampling settings with every range check. Standard library, NumPy and `imagen.runtime.errors`
 only (DESIGN.md, Layers): `imagen.export` imports this package, the runtime imports nothing
 from export.
@@ -8,6 +8,7 @@ from export.
 
 from .entries import FileEntry, Parity, ScheduleEntry, Source, TensorRTEntry, run_config_sha256
 from .manifest import Defaults, Manifest, StageEntry, TokenizerEntry
+from .sampling import SamplingEntry
 from .settings import (
     MAX_SEED,
     SAMPLER_NAMES,
@@ -57,6 +58,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "Parity",
+    "SamplingEntry",
     "ScheduleEntry",
     "Source",
     "StageEntry",
