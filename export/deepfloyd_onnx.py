@@ -41,6 +41,14 @@ class IFUnetStage(nn.Module):
         return noise_pred  # fixed_small: diffusers drops any further channels as well
 
 
+def weights_variant(folder: Path) -> str | None:
+    """"fp16" when `folder` holds only the FP16 variant of its weights (`*.fp16.safetensors`, as
+    DeepFloyd's repositories offer them to download alone), None when it has the plain ones."""
+    names = [p.name for p in Path(folder).glob("*.safetensors")] + [p.name for p in Path(folder).glob("*.bin")]
+    plain = [n for n in names if ".fp16" not in n]
+    return "fp16" if not plain and any(".fp16" in n for n in names) else None
+
+
 def load_if_unet(stage: IFStage) -> IFUnetStage:
     """The stage's Unet in float32, eval mode, wrapped in this project's signature."""
     from diffusers import UNet2DConditionModel
@@ -49,8 +57,10 @@ def load_if_unet(stage: IFStage) -> IFUnetStage:
     diffusers_logging.disable_progress_bar()
     try:
         # without accelerate, diffusers builds the model and then loads the weights (twice the memory)
+        # FP16 weights are upcast: the export traces and checks parity in FP32 (--fp16 converts after)
         unet = UNet2DConditionModel.from_pretrained(
             stage.folder / "unet",
+            variant=weights_variant(stage.folder / "unet"),
             torch_dtype=torch.float32,
             low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
         )
@@ -99,7 +109,9 @@ def load_if_text_encoder(path: str | Path, max_length: int = MAX_LENGTH) -> Text
     hf_logging.disable_progress_bar()
     try:
         # eager attention: the exporter gives a correct graph with a symbolic batch for it
-        model = T5EncoderModel.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+        model = T5EncoderModel.from_pretrained(
+            model_dir, attn_implementation="eager", dtype=torch.float32, variant=weights_variant(model_dir)
+        )
         tokenizer = folder_tokenizer(tokenizer_dir, None, max_length, model.config.vocab_size)
     except TextEncoderError as error:
         raise ExportError(f"{tokenizer_dir}: {error}") from error

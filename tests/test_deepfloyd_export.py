@@ -327,3 +327,23 @@ def test_onnx_t5_matches_transformers_with_ifs_mask(tiny_if, exported):
         assert padding.any() and np.linalg.norm(got[padding], axis=-1).min() > 0  # IF's Unet pools over these too
     assert mask[-1].all()  # the long prompt fills all 77 positions (truncated, eos last)
     assert ids[-1, -1] == tokenizer.eos_token_id
+
+
+def test_folders_with_only_fp16_weights_load_upcast(tiny_if, tmp_path):
+    """DeepFloyd's repositories offer `*.fp16.safetensors` alone (half the download): the export loads
+    them into FP32 exactly (every weight equals its FP16 value)."""
+    from diffusers import UNet2DConditionModel
+
+    from imagen.export.deepfloyd_onnx import weights_variant
+
+    folder = tmp_path / "IF-I"
+    shutil.copytree(tiny_if[0], folder)
+    half = UNet2DConditionModel.from_pretrained(folder / "unet").to(torch.float16)
+    shutil.rmtree(folder / "unet")
+    half.save_pretrained(folder / "unet", variant="fp16")
+    assert weights_variant(folder / "unet") == "fp16" and weights_variant(tiny_if[0] / "unet") is None
+    loaded = load_if_unet(read_if_folder(folder)).unet.state_dict()
+    expected = half.state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, value in loaded.items():
+        assert value.dtype == torch.float32 and torch.equal(value, expected[name].float()), name
