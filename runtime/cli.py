@@ -2,6 +2,7 @@
 
 imagen-run "a red circle" -o circle.png --bundle bundle/ --steps 20 --seed 0
 imagen-run "a red circle" "a blue square" --num-images 2 --out-dir out/ --json
+imagen-run "a red panda" --bundle bundles/if --negative-prompt "blurry" -o panda.png   # DeepFloyd IF bundles
 """
 
 import json
@@ -16,6 +17,7 @@ from imagen._io import atomic_save
 
 from .backends import BACKENDS, PROVIDER_SETS
 from .contract import SAMPLER_NAMES
+from .errors import ParameterError
 from .png import encode_png
 
 PREFIX = ""  # imagen-run's lines are `error: ...`
@@ -67,6 +69,17 @@ class _Progress:
             self.bar = None
 
 
+def check_negative_prompt(pipe, negative_prompt: str | None) -> None:
+    """ParameterError naming --negative-prompt when it is given for a bundle that takes none."""
+    if negative_prompt is not None and not pipe.negative_prompts:
+        raise ParameterError(
+            "--negative-prompt",
+            "left out for this bundle: it uses a learned null text for guidance's unconditional rows, "
+            "not a negative prompt (bundles exported from DeepFloyd IF take one)",
+            negative_prompt,
+        )
+
+
 # ONNX Runtime's execution providers by short name (imagen-serve takes the same option)
 providers_option = click.option(
     "--providers",
@@ -88,6 +101,12 @@ providers_option = click.option(
     "--sampler", type=click.Choice(list(SAMPLER_NAMES)), default=None, help="Sampler (default: the bundle's)."
 )
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option(
+    "--negative-prompt",
+    default=None,
+    help="What the images should not show: guidance's unconditional rows come from this text (bundles "
+    "exported from DeepFloyd IF; default: the empty prompt). Other bundles use a learned null text and refuse it.",
+)
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
 @click.option(
@@ -120,6 +139,7 @@ def _run(
     steps,
     sampler,
     guidance,
+    negative_prompt,
     num_images,
     eta,
     sr_strength,
@@ -140,6 +160,7 @@ def _run(
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --force to overwrite it")
     with Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads) as pipe:
+        check_negative_prompt(pipe, negative_prompt)
         progress = None
         if not quiet and sys.stderr.isatty():
             calls = pipe.model_calls(pipe.settings(steps=steps, sr_strength=sr_strength))
@@ -155,6 +176,7 @@ def _run(
                 eta=eta,
                 sr_strength=sr_strength,
                 callback=progress,
+                negative_prompt=negative_prompt,
             )
         finally:
             if progress is not None:

@@ -37,7 +37,7 @@ from .backends import check_backend_options, close_backends, open_backends
 from .bundle import Bundle, load_bundle
 from .contract import LOWRES, MANIFEST, TEXT_ENCODER
 from .contract.settings import MAX_SEED, Settings, check_seed, is_int
-from .errors import BackendError, BundleError, NonFiniteError, ParameterError
+from .errors import BackendError, BundleError, NonFiniteError, ParameterError, PromptError
 from .guidance import GuidedDenoiser
 from .images import resize_image, to_uint8
 from .requests import Request, Result, batch_noise, image_info
@@ -274,6 +274,11 @@ class Pipeline:
         if negatives or self.bundle.manifest.tokenizer.preprocess != "none":
             # prompts are checked as given; a negative prompt may be "" and preprocessing may empty a prompt
             checked = [validate_prompt(prompt, index) for index, prompt in enumerate(prompts)]
+            for index, negative in enumerate(negatives):
+                try:
+                    validate_prompt(negative, index, allow_empty=True)
+                except PromptError as error:
+                    raise PromptError(f"negative_{error}") from None
             texts, empty_ok = self.preprocess(checked + negatives), True
         input_ids, attention_mask, truncated = self.tokenizer(texts, strict=strict, allow_empty=empty_ok)
         timings = {"tokenize": time.perf_counter() - start}
@@ -314,7 +319,10 @@ class Pipeline:
             for index in range(request.images):
                 prompt = index // request.n  # the request's prompts, each n times
                 cut = truncated[first_prompt + prompt]
-                info.append(image_info(self, request.prompt_list[prompt], index, seed, settings, cut, batch, timings))
+                negative = request.negative_prompt
+                info.append(
+                    image_info(self, request.prompt_list[prompt], index, seed, settings, cut, batch, timings, negative)
+                )
             results.append(Result(array[row : row + request.images], info))
             row, first_prompt = row + request.images, first_prompt + len(request.prompt_list)
         return results

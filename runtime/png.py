@@ -2,8 +2,10 @@
 Ray app answer, made by one function.
 
 The text chunks are the image's info (`requests.image_info`) under these keys, as text: the prompt,
-the seed, the sampler, the steps per Unet (JSON), eta, sr_strength, the guidance scale and the
-bundle's hash. `pipe(prompt, seed=..., steps=..., ...)` on that bundle makes the image again.
+the negative prompt (only when its request gave one), the seed, the sampler, the steps per Unet
+(JSON), eta, sr_strength, the guidance scale (JSON, a list where it differs per Unet) and the
+bundle's hash. `pipe(prompt, negative_prompt=..., seed=..., steps=..., ...)` on that bundle makes
+the image again.
 """
 
 import io
@@ -11,11 +13,22 @@ import json
 
 import numpy as np
 
-PNG_TEXT_KEYS = ("prompt", "seed", "sampler", "steps", "eta", "sr_strength", "guidance_scale", "bundle_sha")
+PNG_TEXT_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "sampler",
+    "steps",
+    "eta",
+    "sr_strength",
+    "guidance_scale",
+    "bundle_sha",
+)
 
 
 def png_text(info: dict) -> dict[str, str]:
-    """The text chunks of an image with this info (a seed that is None, from a caller's generator, is left out)."""
+    """The text chunks of an image with this info (a key that is None is left out: a seed from a caller's
+    generator, a request without a negative prompt)."""
     text = {}
     for key in PNG_TEXT_KEYS:
         value = info.get(key)

@@ -69,13 +69,26 @@ def batch_noise(generators: Sequence[np.random.Generator], rows: Sequence[int]) 
     return noise
 
 
-def image_info(pipe, prompt: str, index: int, seed, settings: Settings, truncated: bool, batch: dict, timings: dict):
+def image_info(
+    pipe,
+    prompt: str,
+    index: int,
+    seed,
+    settings: Settings,
+    truncated: bool,
+    batch: dict,
+    timings: dict,
+    negative_prompt: str | None = None,
+):
     """What one image's info says (`Result.info`, imagen-serve's `data[i].imagen`, the PNG text chunks
-    take theirs from it): its request's prompt and seed, the settings, the bundle, the batch it ran in
-    (images and requests) and the batch's timings (seconds; `engine_calls` counts backend calls)."""
+    take theirs from it): its request's prompt, negative prompt (only when the request gave one) and
+    seed, the settings, the bundle, the batch it ran in (images and requests) and the batch's timings
+    (seconds; `engine_calls` counts backend calls)."""
+    negative = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
     return {
         "index": index,
         "prompt": prompt,
+        **negative,
         "seed": seed,
         **settings.to_info(),
         "truncated": truncated,

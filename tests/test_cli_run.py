@@ -67,7 +67,8 @@ def test_cli_writes_png_with_metadata_and_refuses_overwrite(bundle_fp32, tmp_pat
     assert image.text["prompt"] == "a red circle" and image.text["seed"] == "4"
     assert image.text["sampler"] == "ddpm" and json.loads(image.text["steps"]) == [3, 3]
     assert image.text["bundle_sha"] == load_bundle(bundle_fp32).short_sha and float(image.text["guidance_scale"]) == 5.0
-    assert set(image.text) == set(PNG_TEXT_KEYS)  # the keys imagen-serve's PNGs carry (one encode_png)
+    # the keys imagen-serve's PNGs carry (one encode_png); a negative prompt only where one was given
+    assert set(image.text) == set(PNG_TEXT_KEYS) - {"negative_prompt"}
     pipe = Pipeline.load(bundle_fp32, threads=1)
     np.testing.assert_array_equal(np.asarray(image), pipe("a red circle", steps=3, seed=4).array[0])
     before = out.read_bytes()
@@ -131,6 +132,18 @@ def test_cli_errors_are_one_line_exit_2(args, pattern, bundle_fp32, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
+
+
+def test_cli_refuses_a_negative_prompt_where_the_bundle_has_a_learned_null_text(tmp_path):
+    """The demo bundle's Unets take a learned null text: --negative-prompt (even "") is a one-line user
+    error naming the option, before any image is made. Bundles that take one: test_negative_prompt.py."""
+    out = tmp_path / "x.png"
+    for value in ("blurry", ""):
+        result = CliRunner().invoke(run_cli, ["a red circle", "--negative-prompt", value, "-o", str(out), "--quiet"])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --negative-prompt must be left out"), result.output
+        assert "learned null text" in lines[0] and "DeepFloyd IF" in lines[0] and not out.exists()
 
 
 def test_cli_bad_bundle_subprocess_exit_2(tmp_path):

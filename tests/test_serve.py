@@ -121,6 +121,10 @@ BAD_VALUES = [  # body, param, code: each a 400 that names what to change
     ({"prompt": "  "}, "prompt", "invalid_prompt"),
     ({"prompt": "a\x00b"}, "prompt", "invalid_prompt"),
     ({"prompt": "x" * 101}, "prompt", "prompt_too_long"),
+    # a bundle with a learned null text takes no negative prompt (DeepFloyd IF's do: test_negative_prompt.py)
+    ({"negative_prompt": "blurry"}, "negative_prompt", "invalid_parameter"),
+    ({"negative_prompt": ""}, "negative_prompt", "invalid_parameter"),
+    ({"negative_prompt": "x" * 101}, "negative_prompt", "prompt_too_long"),
 ]
 SCHEMA_VIOLATIONS = [  # body, param, code: each a 422
     ({"n": 1}, "prompt", "missing"),
@@ -154,6 +158,18 @@ def test_bad_requests_answer_400_or_422_and_the_server_goes_on(tmp_path):
         assert client.post(URL, json={"prompt": "ab"}).status_code == 200
         assert metric(client, "imagen_requests_total", status="400") == len(BAD_VALUES)
         assert metric(client, "imagen_requests_total", status="422") == len(SCHEMA_VIOLATIONS) + 2
+
+
+@needs_web
+def test_the_openapi_description_documents_the_extension_fields(tmp_path):
+    from imagen.runtime.serve import ServeConfig, create_app
+
+    app = create_app(fake_pipeline(make_bundle(tmp_path)), ServeConfig(warmup=False))
+    fields = app.openapi()["components"]["schemas"]["GenerationRequest"]["properties"]
+    negative = fields["negative_prompt"]
+    assert {"type": "string"} in negative["anyOf"] and {"type": "null"} in negative["anyOf"]
+    assert "DeepFloyd IF" in negative["description"] and "400 with param negative_prompt" in negative["description"]
+    assert all(fields[name].get("description") for name in ("seed", "steps", "sampler", "negative_prompt"))
 
 
 @needs_web

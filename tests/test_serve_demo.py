@@ -1,5 +1,6 @@
 """imagen-serve on the demo bundle's real engines: concurrent requests form one batch equal to their
-solo images; a real process drains on SIGTERM and exits 0; its user errors exit 2. (The load
+solo images; a negative prompt is a 400 (the demo has a learned null text); a real process drains
+on SIGTERM and exits 0; its user errors exit 2. (The load
 generator's own checks are in test_bench.py.)"""
 
 import json
@@ -58,6 +59,33 @@ def test_concurrent_requests_form_one_batch_equal_to_their_solo_images():
         equal.append(float(np.mean(difference == 0)))
     print(f"batched vs solo uint8: max abs difference {worst}, share of equal values {min(equal):.4f} (worst request)")
     assert worst <= 2 and min(equal) >= 0.9
+
+
+@needs_web
+def test_a_negative_prompt_is_a_400_for_the_demo_bundle_and_the_server_goes_on():
+    """The demo's Unets take a learned null text: a negative prompt is refused before it queues, naming
+    the field (bundles that take one: test_negative_prompt.py)."""
+    from fastapi.testclient import TestClient
+
+    from imagen.runtime import Pipeline
+    from imagen.runtime.serve import ServeConfig, create_app
+
+    with TestClient(create_app(Pipeline.load(), ServeConfig(warmup=False))) as client:
+        reply = client.post(URL, json={"prompt": "a red circle", "negative_prompt": "blurry", "steps": 1})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == (
+            "negative_prompt",
+            "invalid_parameter",
+            "invalid_request_error",
+        )
+        assert (
+            error["message"].startswith("negative_prompt must be left out") and "learned null text" in error["message"]
+        )
+        reply = client.post(URL, json={"prompt": "a red circle", "negative_prompt": None, "steps": 1})
+        assert reply.status_code == 200 and "negative_prompt" not in reply.json()["data"][0]["imagen"]
+        assert metric(client, "imagen_requests_total", status="400") == 1
+        assert metric(client, "imagen_requests_total", status="500") is None
 
 
 def test_imagen_serve_process_drains_on_sigterm_and_exits_0():

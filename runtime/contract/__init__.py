@@ -1,9 +1,9 @@
 """The bundle contract (docs/bundle.md): what `imagen-export` writes and the runtime reads,
 declared once. `signatures` holds the stage signatures and the names; `manifest` the typed
-manifest.json, `entries` its small records and field readers, `sampling` how a Unet stage is sampled, and `settings` a request's
-sampling settings with every range check. Standard library, NumPy and `imagen.runtime.errors`
-only (DESIGN.md, Layers): `imagen.export` imports this package, the runtime imports nothing
-from export.
+manifest.json, `entries` its small records and field readers, `sampling` how a Unet stage is
+sampled, and `settings` a request's sampling settings with every range check. Standard library,
+NumPy and `imagen.runtime.errors` only (DESIGN.md, Layers): `imagen.export` imports this package,
+the runtime imports nothing from export.
 """
 
 from .entries import FileEntry, Parity, ScheduleEntry, Source, TensorRTEntry, run_config_sha256

@@ -73,15 +73,17 @@ def check_request(pipe, body: GenerationRequest, max_images: int, max_prompt_cha
             param="n",
             code="too_many_images",
         )
-    if len(body.prompt) > max_prompt_chars:
-        raise ServeError(
-            400,
-            f"the prompt is {len(body.prompt)} characters; at most {max_prompt_chars} are accepted, shorten it",
-            param="prompt",
-            code="prompt_too_long",
-        )
+    for name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
+        if text is not None and len(text) > max_prompt_chars:
+            raise ServeError(
+                400,
+                f"the {name.replace('_', ' ')} is {len(text)} characters; at most {max_prompt_chars} are "
+                "accepted, shorten it",
+                param=name,
+                code="prompt_too_long",
+            )
     try:
-        return engine.prepare(pipe, body.prompt, body.n, **body.settings())
+        return engine.prepare(pipe, body.prompt, body.n, negative_prompt=body.negative_prompt, **body.settings())
     except ParameterError as error:
         raise ServeError(400, str(error), param=error.parameter, code="invalid_parameter") from None
     except PromptError as error:

@@ -2,7 +2,7 @@
 
     POST /v1/images/generations   OpenAI's images API (b64_json PNGs; its fields with no meaning here are
                                   named in x-imagen-ignored) plus seed, steps, sampler, guidance_scale,
-                                  eta, sr_strength; per-image info in data[i]["imagen"]
+                                  eta, sr_strength, negative_prompt; per-image info in data[i]["imagen"]
     GET  /healthz                 the process answers
     GET  /readyz                  the bundle is loaded and warmed, and the server is not draining
     GET  /metrics                 Prometheus text

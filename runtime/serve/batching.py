@@ -2,7 +2,8 @@
 
 `next_batch` is the rule of which requests share an engine batch, for imagen-serve's queue and the
 Ray app's gathered requests alike: the oldest request, and after it, in arrival order, every
-request with its key (its settings without the seed) whose images still fit in `max_batch`.
+request with its key (its settings without the seed) whose images still fit in `max_batch`. Seeds
+and negative prompts are not in the key: `Pipeline.generate` takes one of each per request.
 
 A `Batcher` lives on one asyncio event loop. `submit` queues a job (refused when the queue, bounded
 in images, is full, or when the batcher is closing); one loop task takes the oldest job's

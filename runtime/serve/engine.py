@@ -5,21 +5,24 @@ fails before it queues). `run_batch` runs requests that share their settings as 
 `Pipeline.generate` call, the request flow `Pipeline.__call__` and imagen-run go through too, and
 encodes each image as a PNG with its settings (`encode_png`, as imagen-run writes them). Request
 i's noise is its own generator's, `Generator(PCG64(seed_i))`, drawing its n_i rows of every draw,
-so its images equal `pipe(prompt_i, seed=seed_i, num_images_per_prompt=n_i)` up to the engines'
-batch-dependent rounding (tests/test_serve_demo.py measures it).
+and its negative prompt is its own (`Request.negative_prompt`, not part of the batch key), so its
+images equal `pipe(prompt_i, seed=seed_i, num_images_per_prompt=n_i, negative_prompt=...)` up to
+the engines' batch-dependent rounding (tests/test_serve_demo.py and tests/test_negative_prompt.py
+measure it).
 """
 
 import dataclasses
 import secrets
 
-from imagen.runtime import Request, Settings, encode_png
+from imagen.runtime import ParameterError, PromptError, Request, Settings, encode_png
 from imagen.runtime.contract import MAX_SEED
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
-    """A checked request: the pipeline's `Request` (one prompt, n images, its seed), the settings
-    it runs with (without the seed), and the part of its prompt that fit, when it was truncated."""
+    """A checked request: the pipeline's `Request` (one prompt, n images, its seed, its negative
+    prompt), the settings it runs with (without the seed), and the part of its prompt that fit, when
+    it was truncated."""
 
     request: Request
     settings: Settings
@@ -27,7 +30,8 @@ class ImageRequest:
 
     @property
     def key(self) -> Settings:
-        """Requests with equal keys may share an engine batch (`batching.next_batch`)."""
+        """Requests with equal keys may share an engine batch (`batching.next_batch`): the settings, which
+        `Pipeline.generate` takes once per batch; seeds and negative prompts are per request."""
         return self.settings
 
     @property
@@ -43,15 +47,37 @@ class Images:
     info: list[dict]
 
 
-def prepare(pipe, prompt: str, n: int = 1, *, seed=None, eta=None, **settings) -> ImageRequest:
+def prepare(pipe, prompt: str, n: int = 1, *, seed=None, eta=None, negative_prompt=None, **settings) -> ImageRequest:
     """A request checked against the bundle: ParameterError for settings (`steps`, `sampler`,
-    `guidance_scale`, `sr_strength`, `eta`, `seed`), PromptError for the prompt. `n` is checked by
-    the caller. A request without a seed gets one drawn here, and reported."""
+    `guidance_scale`, `sr_strength`, `eta`, `seed`) and for `negative_prompt`, PromptError for the
+    prompt. `n` is checked by the caller. A request without a seed gets one drawn here, and reported."""
     settings = pipe.settings(eta=0.0 if eta is None else eta, seed=seed, **settings)
     seed = secrets.randbelow(MAX_SEED) if settings.seed is None else settings.seed
     _, _, truncated = pipe.tokenizer([prompt])
+    check_negative_prompt(pipe, negative_prompt)
     revised = fitted_prompt(pipe.tokenizer, prompt) if truncated[0] else None
-    return ImageRequest(Request(prompt, n, seed), dataclasses.replace(settings, seed=None), revised)
+    request = Request(prompt, n, seed, negative_prompt=negative_prompt)
+    return ImageRequest(request, dataclasses.replace(settings, seed=None), revised)
+
+
+def check_negative_prompt(pipe, negative_prompt) -> None:
+    """ParameterError naming `negative_prompt` where the bundle takes none (a learned null text makes its
+    unconditional rows) or where the tokenizer refuses the text as given (the rule for prompts: control
+    characters, lone surrogates; "" is the empty prompt), before the request can reach a batch."""
+    if negative_prompt is None:
+        return
+    if not pipe.negative_prompts:
+        raise ParameterError(
+            "negative_prompt",
+            "left out (or null) for this bundle: it uses a learned null text for guidance's unconditional "
+            "rows, not a negative prompt (bundles exported from DeepFloyd IF take one)",
+            negative_prompt,
+        )
+    try:
+        pipe.tokenizer([negative_prompt], allow_empty=True)
+    except PromptError as error:
+        reason = str(error).removeprefix("prompt 0 ")
+        raise ParameterError("negative_prompt", f"text the tokenizer takes, but it {reason}", negative_prompt) from None
 
 
 def fitted_prompt(tokenizer, prompt: str) -> str:

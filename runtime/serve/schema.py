@@ -5,7 +5,8 @@ maps here is honoured: `prompt`, `n`, and `size`, `response_format`, `output_for
 `stream` and `partial_images` where their value is what this server makes (the bundle's size,
 base64 PNGs, opaque, in one piece; another value is a 400 from `api.check_request`). What has no
 meaning here (`IGNORED`: the model, quality, style, moderation, ...) is accepted and named in the
-answer's `x-imagen-ignored` header. The project's own fields (seed, steps, sampler, ...) follow.
+answer's `x-imagen-ignored` header. The project's own fields (seed, steps, sampler, ...,
+negative_prompt) follow.
 
 Types are strict (JSON 2.0 is not an integer, "5" is not a number) and unknown fields are refused,
 so a misspelt extension field fails loudly instead of being ignored. Ranges are not checked here:
@@ -63,9 +64,15 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, description="classifier-free guidance scale (>= 0)")
     eta: float | None = Field(None, description="DDIM eta in [0, 1] (default 0)")
     sr_strength: float | None = Field(None, description="share of steps of the super-resolution Unets, (0, 1]")
+    negative_prompt: str | None = Field(
+        None,
+        description="what the images should not show: guidance's unconditional rows come from this text, for "
+        'bundles that take a negative prompt (DeepFloyd IF; null or "": the empty prompt); a bundle with a '
+        "learned null text (the demo, imagen-train's and MinImagen's) answers 400 with param negative_prompt",
+    )
 
     def settings(self) -> dict:
-        """The sampling settings for `engine.prepare`."""
+        """The sampling settings for `engine.prepare` (the negative prompt is the request's, not a setting)."""
         return {
             name: getattr(self, name) for name in ("seed", "steps", "sampler", "guidance_scale", "eta", "sr_strength")
         }
