@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from imagen._io import atomic_save
@@ -74,6 +75,19 @@ def run_config(imagen: Imagen, text_encoder: TextEncoder, train: dict | None = N
 def build_imagen(config: dict) -> Imagen:
     unets = [UnetConfig.from_dict(u) for u in config["unets"]]
     return Imagen(unets, ImagenConfig.from_dict(config["imagen"]), config["text_encoder"]["embed_dim"])
+
+
+def join_run(run_dir: str | Path) -> tuple[Imagen, TextEncoder, dict, Path]:
+    """The cascade (before its weights arrive), text encoder and config of a run that another
+    process (rank 0 of a torchrun job) has just prepared."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{run_dir / 'config.json'}, which rank 0 wrote, is not visible to this process; "
+            "--out must be on a file system that every node shares"
+        )
+    config = json.loads((run_dir / "config.json").read_text())
+    return build_imagen(config), TextEncoder.from_folder(run_dir / "text_encoder"), config, run_dir
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -164,3 +178,61 @@ def load_weights(imagen: Imagen, file: Path) -> None:
 
 def _strip(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keeps one record for each step up to `step` (the checkpoint a run resumes from), atomically.
+
+    A run killed after its last checkpoint logged steps that the resumed run does again; they are
+    dropped here, as is a line cut short by the kill. Where a step appears twice (a log written
+    before this rule), its last record is kept."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept: dict[int, str] = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and 0 < record["step"] <= step:
+            kept[record["step"]] = line
+    ordered = [kept[s] for s in sorted(kept)]
+    if ordered != lines:
+        write_atomic(path, "".join(line + "\n" for line in ordered))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Adam state as flat tensors (safetensors) plus its JSON-able settings."""
+    state = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, settings: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": settings["param_groups"]})
+
+
+def restore_checkpoint(checkpoint: Path, imagen: Imagen, optimizer, scaler, device) -> tuple[dict, int, float]:
+    """Loads a checkpoint's weights, optimizer (and gradient scaler) state; returns (EMA weights, step,
+    best validation loss)."""
+    imagen.unets.load_state_dict({k[6:]: v for k, v in load_file(checkpoint / "model.safetensors").items()})
+    ema = {k[6:]: v.to(device) for k, v in load_file(checkpoint / "ema.safetensors").items()}
+    state = json.loads((checkpoint / "state.json").read_text())
+    load_optimizer(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
+    return ema, state["step"], state["best_val_loss"]
+
+
+def save_best(imagen: Imagen, out: Path, step: int, val_loss: float) -> None:
+    save_safetensors_atomic(
+        {f"unets.{k}": v for k, v in imagen.unets.state_dict().items()},
+        out / "best.safetensors",
+        metadata={"step": str(step), "val_loss": repr(val_loss)},
+    )

@@ -1,6 +1,11 @@
-"""`imagen-train`: a thin click command over `imagen.reference.train.train`."""
+"""`imagen-train`: a thin click command over `imagen.reference.train.train`.
+
+Under `torchrun --nproc-per-node N imagen-train ...` every process runs this command with the same
+options and they train together (docs/training.md); rank 0 alone prints the summary.
+"""
 
 import json
+import os
 
 import click
 
@@ -40,7 +45,13 @@ def _int_list(value: str | None) -> tuple | None:
 @click.option("--image-sizes", default="32,64", show_default=True, help="Image size per Unet.")
 @click.option("--timesteps", type=int, default=1000, show_default=True)
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Images per step in all: split evenly over the torchrun processes and the --grad-accum micro-batches.",
+)
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--epochs", type=float, default=None, help="Train for this many passes instead of --steps.")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
@@ -62,7 +73,20 @@ def _int_list(value: str | None) -> tuple | None:
     help="Super-resolution training: low-res noise augmentation times drawn below this fraction of T.",
 )
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Micro-batches per step (each process takes batch-size / (processes x grad-accum) images at a time).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision of the Unets' forward pass (fp16 adds a gradient scaler); weights and EMA stay FP32.",
+)
 @click.option("--val-every", type=int, default=200, show_default=True)
 @click.option("--checkpoint-every", type=int, default=200, show_default=True)
 @click.option("--sample-every", type=int, default=None, help="Sample grid interval (0: none).")
@@ -106,6 +130,7 @@ def main(
     lowres_max_noise,
     ema_decay,
     grad_accum,
+    precision,
     val_every,
     checkpoint_every,
     sample_every,
@@ -142,6 +167,7 @@ def main(
             lowres_max_noise_level=lowres_max_noise,
             ema_decay=ema_decay,
             grad_accum=grad_accum,
+            precision=precision,
             val_every=val_every,
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
@@ -156,7 +182,7 @@ def main(
         return train(config)
 
     summary = run_command(run, debug=debug, prefix=PREFIX)  # Ctrl-C: TrainingInterrupted says where it saved
-    if not quiet:
+    if not quiet and os.environ.get("RANK", "0") == "0":
         click.echo(json.dumps(summary))
 
 
