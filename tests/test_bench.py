@@ -154,7 +154,18 @@ def test_the_suites_section_numbers_do_not_clash():
 
 
 @pytest.mark.parametrize(
-    "module", ["bench", "bench.cpu", "bench.gpu", "bench.cpu.presets", "bench.cpu.sampler_study", "bench.serve_load"]
+    "module",
+    [
+        "bench",
+        "bench.cpu",
+        "bench.gpu",
+        "bench.cpu.presets",
+        "bench.cpu.sampler_study",
+        "bench.cpu.train_ddp",
+        "bench.cpu.batch",
+        "bench.cpu.deepfloyd",
+        "bench.serve_load",
+    ],
 )
 def test_the_documented_commands_start(module):
     """Each `python -m ...` that the docs name answers --help (no section runs)."""

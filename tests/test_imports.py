@@ -45,6 +45,7 @@ def test_ray_is_imported_only_by_the_ray_serve_app():
     """`imagen.runtime.serve` and its modules never import Ray; `imagen.runtime.serve.ray` does, and no torch."""
     modules = ["imagen.runtime", "imagen.runtime.cli", "imagen.runtime.serve", "imagen.runtime.serve.engine"]
     modules += ["imagen.runtime.serve.batching", "imagen.runtime.serve.cli"]
+    modules += ["imagen.runtime.batch.cli", "imagen.runtime.batch.job", "imagen.runtime.batch.generate"]
     if importlib.util.find_spec("fastapi") is not None:
         modules += ["imagen.runtime.serve.api", "imagen.runtime.serve.app", "imagen.runtime.serve.schema"]
     loaded = "import sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch'}))"
