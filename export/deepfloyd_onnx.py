@@ -42,8 +42,9 @@ class IFUnetStage(nn.Module):
 
 
 def weights_variant(folder: Path) -> str | None:
-    """"fp16" when `folder` holds only the FP16 variant of its weights (`*.fp16.safetensors`, as
-    DeepFloyd's repositories offer them to download alone), None when it has the plain ones."""
+    """The weights variant to load from `folder`: "fp16" when it holds only the FP16 files
+    (`*.fp16.safetensors`, as DeepFloyd's repositories offer them to download alone), None when it
+    has the plain ones."""
     names = [p.name for p in Path(folder).glob("*.safetensors")] + [p.name for p in Path(folder).glob("*.bin")]
     plain = [n for n in names if ".fp16" not in n]
     return "fp16" if not plain and any(".fp16" in n for n in names) else None
