@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo cascade shipped in the package (runtime/demo/): trained on the built-in shapes data
 # on a 2-core CPU (about 65 minutes), exported to an FP32 ONNX bundle whose default sampler is
-# DPM-Solver++(2M) at 25 steps, with this recipe copied beside it. From the repository root:
+# ancestral DDPM at 20 steps (chosen by measurement, docs/benchmarks.md), with this recipe copied beside it. From the repository root:
 #   bash recipes/demo/train.sh [RUN_DIR]
 # Low-res augmentation is drawn below 0.3 T (MinImagen's spans the whole schedule, which
 # teaches the small super-resolution Unet to ignore its low-res input). Even so, started
@@ -16,7 +16,7 @@ imagen-train --dataset shapes --out "$run" \
   --cond-drop-prob 0.1 --guidance 3.0 --max-length 64 --text-encoder tiny \
   --val-every 250 --checkpoint-every 250 --sample-every 0 --seed 0 --resume
 imagen-export --ckpt "$run" --out runtime/demo --weights ema --max-batch 8 \
-  --sampler dpmpp_2m --steps 25 --sr-strength 0.25 --force
+  --sampler ddpm --steps 20 --sr-strength 0.25 --force
 mkdir -p runtime/demo/recipe
 cp "$here/train.sh" "$here/unet_base.json" "$here/unet_super.json" runtime/demo/recipe/
 imagen-eval --prompts train --n 16 --seed 0 --grid docs/demo_grid.png --force --quiet
