@@ -1,95 +1,49 @@
 """Run directory -> bundle (docs/bundle.md): the only thing the runtime reads.
 
 The bundle is written into a temporary folder beside `out` and renamed into place when
-complete, so a failed or killed export leaves the previous bundle as it was and no half
-bundle under the final name.
+complete (`staging.write_staged`), so a failed or killed export leaves the previous bundle as
+it was and no half bundle under the final name. DeepFloyd IF folders go to `deepfloyd_bundle`.
 """
 
-import json
-import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-from torch import nn
-
-import imagen
 from imagen.reference.checkpoint import Run, load_run
 from imagen.reference.minimagen import load_minimagen_run
 from imagen.reference.text_encoder import SentencePieceTokenizer, TextEncoder
 from imagen.runtime.contract import (
     LOWRES,
-    MANIFEST,
     Defaults,
-    FileEntry,
     Manifest,
-    Parity,
     ScheduleEntry,
     Source,
     StageEntry,
-    StageSignature,
-    TensorRTEntry,
     TokenizerEntry,
     run_config_sha256,
-    sha256_file,
     text_encoder_signature,
     unet_name,
     unet_signature,
 )
 
 from .errors import ExportError
-from .fp16 import convert_fp16
-from .onnx_export import TextEncoderStage, UnetStage, check_model, export_stage
+from .onnx_export import TextEncoderStage, UnetStage
 from .options import ExportOptions
-from .parity import count_flops, measure_parity
-from .tensorrt import build_engines
+from .staging import (
+    PARITY_BATCH_SIZES,
+    TOLERANCE,
+    Stage,
+    build_stage_engines,
+    check_parity,
+    file_entry,
+    parity_failure,
+    versions,
+    write_stage,
+    write_staged,
+)
 
-# ONNX Runtime and PyTorch sum in different orders, and FP32 differences grow with depth: about
-# 5e-7 for the demo's Unets, 1e-6 for T5-base, 3e-6 for MinImagen's Base preset and 1.2e-5 for its
-# Super preset (docs/benchmarks.md). A wrong graph is off by O(1).
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-PARITY_BATCH_SIZES = (1, 3)
-
-
-@dataclass
-class Stage:
-    """One stage to export: its signature, the module that computes it, the ranges of its sample
-    inputs (vocabulary size, timesteps) and, for a Unet, its image size and low-res conditioning."""
-
-    signature: StageSignature
-    module: nn.Module
-    input_kwargs: dict = field(default_factory=dict)
-    image_size: int | None = None
-    lowres_cond: bool | None = None
-
-    @property
-    def name(self) -> str:
-        return self.signature.name
-
-
-def file_entry(bundle: Path, path: Path) -> FileEntry:
-    return FileEntry(path.relative_to(bundle).as_posix(), path.stat().st_size, sha256_file(path))
-
-
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    try:
-        import tensorrt
-
-        trt_version = tensorrt.__version__
-    except ImportError:
-        trt_version = None
-    return {
-        "imagen": imagen.__version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "tensorrt": trt_version,
-    }
+__all__ = ["PARITY_BATCH_SIZES", "TOLERANCE", "export_bundle", "file_entry", "load_checkpoint", "run_source"]
 
 
 def load_checkpoint(
@@ -115,27 +69,6 @@ def load_checkpoint(
             )
         run.text_encoder = encoder
     return run
-
-
-def _recover(out: Path) -> None:
-    """Cleans what an earlier killed export left: a staging folder, or a bundle moved aside."""
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if not out.exists():
-            os.replace(old, out)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    if out.exists():
-        aside = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, aside)
-        os.replace(staging, out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def export_bundle(
@@ -164,29 +97,19 @@ def export_bundle(
         )
     say = report or (lambda message: None)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out)
-    if out.exists() and not options.force:
-        raise ExportError(
-            f"{out} already exists; pass --force to replace it (the old bundle stays until the new one is complete)"
-        )
-    run = load_checkpoint(ckpt, options.weights, options.text_encoder, options.unets)
-    timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
-    if options.steps is not None and options.steps > timesteps:
-        raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {options.steps}")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir()
-    try:
+
+    def write(staging: Path) -> Manifest:
+        run = load_checkpoint(ckpt, options.weights, options.text_encoder, options.unets)
+        timesteps = min(s.num_timesteps for s in run.imagen.noise_schedulers)
+        if options.steps is not None and options.steps > timesteps:
+            raise ValueError(f"steps must be at most the trained timesteps ({timesteps}), got {options.steps}")
         tokenizer = _write_tokenizer(run, staging)
         stages = _stages(run, options.max_batch)
         entries = _write_stages(stages, staging, options, say)
-        engines = _build_engines(stages, entries, staging, options, say) if options.builds_engines else None
-        manifest = _manifest(run, tokenizer, entries, engines, options)
-        (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        engines = build_stage_engines(stages, entries, staging, options, say) if options.builds_engines else None
+        return _manifest(run, tokenizer, entries, engines, options)
+
+    manifest = write_staged(out, options.force, write)
     say(f"bundle written to {out}")
     return manifest
 
@@ -213,7 +136,7 @@ def _manifest(run: Run, tokenizer, entries: dict, engines, options: ExportOption
         ),
         stages=entries,
         tensorrt=engines,
-        producer=_versions(),
+        producer=versions(),
         source=run_source(run.path, run.weights, options.record_source_path),
     )
 
@@ -281,66 +204,6 @@ def _schedules(run: Run) -> dict[str, ScheduleEntry]:
 
 
 def _write_stages(stages: list[Stage], staging: Path, options: ExportOptions, say) -> dict[str, StageEntry]:
-    entries, failures = {}, []
-    for stage in stages:
-        entries[stage.name] = entry = _write_stage(stage, staging, options, say)
-        if not entry.parity.passed:
-            failures.append(
-                f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
-                f"{entry.parity.tolerance:.0e}"
-            )
-    if failures and not options.force:
-        raise ExportError(
-            "parity check failed: " + "; ".join(failures) + ". The export was not written; "
-            "pass --force to write it anyway (marked in the manifest)"
-        )
+    entries = {stage.name: write_stage(stage, staging, options, say) for stage in stages}
+    check_parity([f for f in map(parity_failure, entries.values()) if f], options)
     return entries
-
-
-def _write_stage(stage: Stage, staging: Path, options: ExportOptions, say) -> StageEntry:
-    """Exports one stage (FP16 Unets go through an FP32 file), checks it and measures its parity.
-    Its external data entries are the files the written model references, whatever their names."""
-    name, signature, kwargs = stage.name, stage.signature, stage.input_kwargs
-    opset, threshold = options.opset, options.external_data_threshold
-    precision = "fp16" if options.fp16 and stage.image_size is not None else "fp32"
-    path = staging / f"{name}.onnx"
-    say(f"{name}: exporting to ONNX")
-    if precision == "fp16":
-        fp32_dir = staging / ".fp32"
-        fp32_dir.mkdir(exist_ok=True)
-        export_stage(stage.module, signature, fp32_dir / path.name, opset, external_data_threshold=threshold, **kwargs)
-        say(f"{name}: converting to FP16")
-        files = convert_fp16(fp32_dir / path.name, path, threshold)
-        shutil.rmtree(fp32_dir)
-        check_model(path, signature)
-    else:
-        files = export_stage(stage.module, signature, path, opset, external_data_threshold=threshold, **kwargs)
-    errors = measure_parity(stage.module, signature, path, PARITY_BATCH_SIZES, **kwargs)
-    tolerance = TOLERANCE[precision]
-    passed = all(e <= tolerance for e in errors)
-    say(
-        f"{name}: parity {precision} rel. error {max(errors):.2e} (tolerance {tolerance:.0e}) "
-        f"{'ok' if passed else 'FAILED'}"
-    )
-    return StageEntry(
-        name=name,
-        file=file_entry(staging, path),
-        precision=precision,
-        signature=signature,
-        parity=Parity(list(PARITY_BATCH_SIZES), errors, tolerance, passed, bool(options.force and not passed)),
-        flops=count_flops(stage.module, signature, **kwargs),
-        external_data=tuple(file_entry(staging, file) for file in files[1:]),
-        image_size=stage.image_size,
-        lowres_cond=stage.lowres_cond,
-    )
-
-
-def _build_engines(
-    stages: list[Stage], entries: dict[str, StageEntry], staging: Path, options: ExportOptions, say
-) -> TensorRTEntry | None:
-    """Engines take their precision from the ONNX files (`--fp16` chose those); each is checked
-    against ONNX Runtime at the FP16 tolerance before it is written."""
-    version_compatible = options.tensorrt_version_compatible
-    return build_engines(
-        stages, entries, staging, say, tolerance=TOLERANCE["fp16"], version_compatible=version_compatible
-    )

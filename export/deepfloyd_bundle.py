@@ -9,8 +9,6 @@ FP32 plus its ONNX copy, never the whole cascade. As `export_bundle`, the bundle
 """
 
 import hashlib
-import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,7 +16,6 @@ from pathlib import Path
 
 from imagen.runtime.contract import (
     LOWRES,
-    MANIFEST,
     Defaults,
     Manifest,
     SamplingEntry,
@@ -29,12 +26,21 @@ from imagen.runtime.contract import (
     unet_name,
 )
 
-from .bundle import Stage, _build_engines, _publish, _recover, _versions, _write_stage, file_entry
 from .deepfloyd import MAX_LENGTH, IFSchedule, IFStage, check_if_cascade, read_if_folder
 from .deepfloyd_onnx import load_if_text_encoder, load_if_unet
 from .errors import ExportError
 from .onnx_export import TextEncoderStage
 from .options import ExportOptions
+from .staging import (
+    Stage,
+    build_stage_engines,
+    check_parity,
+    file_entry,
+    parity_failure,
+    versions,
+    write_stage,
+    write_staged,
+)
 
 
 def is_if_folder(path: str | Path) -> bool:
@@ -63,24 +69,13 @@ def export_if_bundle(
         stages.append(read_if_folder(options.stage2))
         check_if_cascade(*stages)
     encoder_path = _text_encoder_path(stages[0], options.text_encoder)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out)
-    if out.exists() and not options.force:
-        raise ExportError(
-            f"{out} already exists; pass --force to replace it (the old bundle stays until the new one is complete)"
-        )
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir()
-    try:
+
+    def write(staging: Path) -> Manifest:
         tokenizer, entries, written = _write_models(stages, encoder_path, staging, options, say)
-        engines = _build_engines(written, entries, staging, options, say) if options.builds_engines else None
-        manifest = _manifest(stages, encoder_path, tokenizer, entries, engines, options)
-        (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        engines = build_stage_engines(written, entries, staging, options, say) if options.builds_engines else None
+        return _manifest(stages, encoder_path, tokenizer, entries, engines, options)
+
+    manifest = write_staged(Path(out), options.force, write)
     say(f"bundle written to {out}")
     return manifest
 
@@ -111,14 +106,10 @@ def _write_models(stages: list[IFStage], encoder_path: Path, staging: Path, opti
     entries, written, failures = {}, [], []
 
     def write(stage: Stage) -> None:
-        entry = _write_stage(stage, staging, options, say)
+        entry = write_stage(stage, staging, options, say)
         entries[stage.name] = entry
         written.append(replace(stage, module=None))
-        if not entry.parity.passed:
-            failures.append(
-                f"{stage.name} ({entry.precision}): relative error {max(entry.parity.rel_error):.3e} > "
-                f"{entry.parity.tolerance:.0e}"
-            )
+        failures.extend(f for f in [parity_failure(entry)] if f)
 
     say("text_encoder: loading T5")
     encoder = load_if_text_encoder(encoder_path, MAX_LENGTH)
@@ -139,11 +130,7 @@ def _write_models(stages: list[IFStage], encoder_path: Path, staging: Path, opti
         del module
         name = unet_name(stage.index)
         entries[name] = replace(entries[name], sampling=sampling_entry(stage))
-    if failures and not options.force:
-        raise ExportError(
-            "parity check failed: " + "; ".join(failures) + ". The export was not written; "
-            "pass --force to write it anyway (marked in the manifest)"
-        )
+    check_parity(failures, options)
     return tokenizer, entries, written
 
 
@@ -248,7 +235,7 @@ def _manifest(stages: list[IFStage], encoder_path: Path, tokenizer, entries, eng
         ),
         stages=entries,
         tensorrt=engines,
-        producer=_versions(),
+        producer=versions(),
         source=_source(stages, encoder_path, options.record_source_path),
     )
 

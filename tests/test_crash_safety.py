@@ -143,7 +143,7 @@ def test_export_killed_keeps_the_previous_bundle(tiny_run, bundle_fp32, tmp_path
     again = _run(args, module="imagen.export.cli")
     assert again.returncode == 0, again.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    from imagen.export.bundle import sha256_file
+    from imagen.runtime.contract import sha256_file
 
     for stage in manifest["stages"].values():
         assert sha256_file(out / stage["file"]) == stage["sha256"]

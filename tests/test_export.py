@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from imagen.export import bundle as bundle_module
+from imagen.export import staging as staging_module
 from imagen.export.bundle import export_bundle
 from imagen.export.cli import main as export_cli
 from imagen.export.errors import ExportError
@@ -138,7 +138,7 @@ def test_default_sampler_steps_and_sr_strength_are_checked(tiny_run, tmp_path):
 
 
 def test_failed_parity_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module, "measure_parity", lambda *a, **k: [0.5, 0.5])
+    monkeypatch.setattr(staging_module, "measure_parity", lambda *a, **k: [0.5, 0.5])
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match="parity"):
         export_bundle(tiny_run, out)
@@ -159,7 +159,7 @@ def test_failed_export_keeps_the_previous_bundle(bundle_fp32, tiny_run, tmp_path
         raise ExportError("unet_1: simulated failure")
 
     calls = []
-    real = bundle_module.export_stage
+    real = staging_module.export_stage
 
     def fail_on_second_unet(module, signature, path, opset=18, **kwargs):
         calls.append(signature.name)
@@ -167,7 +167,7 @@ def test_failed_export_keeps_the_previous_bundle(bundle_fp32, tiny_run, tmp_path
             broken()
         return real(module, signature, path, opset, **kwargs)
 
-    monkeypatch.setattr(bundle_module, "export_stage", fail_on_second_unet)
+    monkeypatch.setattr(staging_module, "export_stage", fail_on_second_unet)
     with pytest.raises(ExportError, match="simulated"):
         export_bundle(tiny_run, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
