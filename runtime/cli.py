@@ -3,6 +3,7 @@
 imagen-run "a red circle" -o circle.png --bundle bundle/ --steps 20 --seed 0
 imagen-run "a red circle" "a blue square" --num-images 2 --out-dir out/ --json
 imagen-run "a red panda" --bundle bundles/if --negative-prompt "blurry" -o panda.png   # DeepFloyd IF bundles
+imagen-run "a red circle" --precision fp32 --verbose -o exact.png   # ONNX Runtime FP32; says what ran and why
 """
 
 import json
@@ -15,7 +16,7 @@ import click
 from imagen._cli import command, run_command
 from imagen._io import atomic_save
 
-from .backends import BACKENDS, PROVIDER_SETS
+from .backends import BACKENDS, PRECISION_HELP, PRECISIONS, PROVIDER_SETS
 from .contract import SAMPLER_NAMES
 from .errors import ParameterError
 from .png import encode_png
@@ -89,6 +90,11 @@ providers_option = click.option(
     help="ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
 )
 
+# the Unets' precision (imagen-eval takes the same option; imagen-serve and the Ray app a `precision` field)
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help=PRECISION_HELP
+)
+
 
 @command("imagen-run", PREFIX)
 @click.argument("prompts", nargs=-1, required=True)
@@ -116,12 +122,20 @@ providers_option = click.option(
     help="Share of steps a super-resolution Unet runs from its noised upsampled input, in (0, 1] "
     "(1: from pure noise; default: the bundle's).",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="Engine: auto takes TensorRT on a GPU with the bundle's engines, else the fastest CPU engine for --precision.",
+)
+@precision_option
 @providers_option
 @click.option(
     "--threads", type=int, default=None, help="CPU threads per session (default: the CPUs this process may run on)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--verbose", is_flag=True, help="Say on stderr which engine and precision run, and why.")
 @click.option("--json", "as_json", is_flag=True, help="Print per-image info as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -144,9 +158,11 @@ def _run(
     eta,
     sr_strength,
     backend,
+    precision,
     providers,
     threads,
     quiet,
+    verbose,
     as_json,
     force,
 ):
@@ -159,7 +175,10 @@ def _run(
         for path in paths:
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    with Pipeline.load(bundle, backend=backend, providers=PROVIDER_SETS[providers], threads=threads) as pipe:
+    providers = PROVIDER_SETS[providers]
+    with Pipeline.load(bundle, backend=backend, providers=providers, threads=threads, precision=precision) as pipe:
+        if verbose:
+            click.echo(f"engine: {pipe.choice.reason}", err=True)
         check_negative_prompt(pipe, negative_prompt)
         progress = None
         if not quiet and sys.stderr.isatty():

@@ -3,9 +3,10 @@ Ray app answer, made by one function.
 
 The text chunks are the image's info (`requests.image_info`) under these keys, as text: the prompt,
 the negative prompt (only when its request gave one), the seed, the sampler, the steps per Unet
-(JSON), eta, sr_strength, the guidance scale (JSON, a list where it differs per Unet) and the
-bundle's hash. `pipe(prompt, negative_prompt=..., seed=..., steps=..., ...)` on that bundle makes
-the image again.
+(JSON), eta, sr_strength, the guidance scale (JSON, a list where it differs per Unet), the
+bundle's hash, the engine and the Unets' precision. `Pipeline.load(bundle, backend=..., precision=...)`
+then `pipe(prompt, negative_prompt=..., seed=..., steps=..., ...)` makes the image again (bit for bit
+on the same machine).
 """
 
 import io
@@ -23,6 +24,8 @@ PNG_TEXT_KEYS = (
     "sr_strength",
     "guidance_scale",
     "bundle_sha",
+    "backend",
+    "precision",
 )
 
 

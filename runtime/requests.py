@@ -82,8 +82,9 @@ def image_info(
 ):
     """What one image's info says (`Result.info`, imagen-serve's `data[i].imagen`, the PNG text chunks
     take theirs from it): its request's prompt, negative prompt (only when the request gave one) and
-    seed, the settings, the bundle, the batch it ran in (images and requests) and the batch's timings
-    (seconds; `engine_calls` counts backend calls)."""
+    seed, the settings, the bundle, the engine and the Unets' inference precision ("fp32", "bf16", or an
+    FP16 bundle's "fp16"), the batch it ran in (images and requests) and the batch's timings (seconds;
+    `engine_calls` counts backend calls)."""
     negative = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
     return {
         "index": index,
@@ -94,6 +95,7 @@ def image_info(
         "truncated": truncated,
         "bundle_sha": pipe.bundle.short_sha,
         "backend": pipe.backend_name,
+        "precision": pipe.precision,
         "batch": dict(batch),
         "timings": dict(timings),
     }

@@ -9,6 +9,7 @@ import click
 from imagen._cli import command, run_command
 from imagen._io import atomic_save
 from imagen.runtime.backends import BACKENDS
+from imagen.runtime.cli import precision_option
 from imagen.runtime.contract import SAMPLER_NAMES
 
 from .scenes import SPLITS
@@ -43,6 +44,7 @@ PREFIX = ""  # imagen-eval's lines are `error: ...`
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the first image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@precision_option
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -76,6 +78,7 @@ def _run(
     seed,
     batch_size,
     backend,
+    precision,
     threads,
     grid,
     as_json,
@@ -88,7 +91,7 @@ def _run(
 
     if grid is not None and grid.exists() and not force:
         raise FileExistsError(f"{grid} exists; pass --force to overwrite it or choose another --grid path")
-    pipeline = Pipeline.load(bundle, backend=backend, threads=threads)
+    pipeline = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
     bar = None
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
@@ -113,10 +116,11 @@ def _run(
     if grid is not None:
         image = make_grid(report["images"][:16], [r["caption"] for r in report["rows"][:16]])
         atomic_save(grid, lambda tmp: image.save(tmp, format="PNG"))
+    report["engine"] = {"backend": pipeline.backend_name, "precision": pipeline.precision}
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "images"}, indent=1))
     else:
-        click.echo(format_report(report))
+        click.echo(f"{format_report(report)}  [{pipeline.backend_name} {pipeline.precision}]")
 
 
 if __name__ == "__main__":

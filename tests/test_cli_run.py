@@ -24,6 +24,7 @@ def test_cli_sr_strength(bundle_fp32, tmp_path):
 
     out = tmp_path / "out.png"
     common = ["a red circle", "--bundle", str(bundle_fp32), "--steps", "4", "--seed", "2", "--threads", "1"]
+    common += ["--precision", "fp32"]  # Pipeline.load's default: ONNX Runtime's exact images
     result = CliRunner().invoke(run_cli, [*common, "-o", str(out), "--quiet", "--sr-strength", "0.5"])
     assert result.exit_code == 0, result.output
     image = Image.open(out)
@@ -53,6 +54,8 @@ def test_cli_writes_png_with_metadata_and_refuses_overwrite(bundle_fp32, tmp_pat
             str(seed),
             "--threads",
             "1",
+            "--precision",
+            "fp32",
             "--quiet",
             *extra,
         ]

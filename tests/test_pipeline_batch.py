@@ -159,4 +159,6 @@ def test_encode_png_carries_the_settings_that_reproduce_the_image(fake_bundle):
         "sr_strength": str(result.info[0]["sr_strength"]),
         "guidance_scale": "2.0",
         "bundle_sha": pipe.bundle.short_sha,
+        "backend": "",
+        "precision": "fp32",
     }

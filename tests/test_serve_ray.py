@@ -32,7 +32,8 @@ pytestmark = [
 ]
 ROOT = Path(__file__).parent.parent
 REPLICAS = {"num_cpus": 0, "threads": 1}  # replicas share the two cores; Ray counts no CPU for them
-APP = {**REPLICAS, "num_replicas": "2", "max_wait_ms": "2000", "max_prompt_chars": 100}
+# fp32: ONNX Runtime's exact images, those of demo_pipe (Pipeline.load's default) below
+APP = {**REPLICAS, "num_replicas": "2", "max_wait_ms": "2000", "max_prompt_chars": 100, "precision": "fp32"}
 
 
 def free_port() -> int:

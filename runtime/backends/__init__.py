@@ -3,18 +3,25 @@
     feeds.py        the feed check every backend runs first, and the shapes engines are tuned for
     onnxruntime.py  `OnnxRuntimeBackend` (the default: CPU, or the CUDA/TensorRT execution providers)
     tensorrt.py     `TensorRTBackend`, serialized engines from `imagen-export --tensorrt`
+    openvino.py     `OpenVINOBackend`, the bundle's ONNX on OpenVINO's CPU device, in FP32 or bf16
+    choice.py       the precision rules, bf16's quality gate, and auto's measured CPU engine choice
+    machine.py      the CPU's flags, native bf16, the machine's key and the per-user cache folder
     cuda.py         TensorRT and cuda-python, the GPU and driver probe, which engines run here
     device.py       device arrays (the CUDA Array Interface) at the backends' edges
 
-This module chooses and opens them. A backend's `array_namespace` is the array library its outputs
+This module chooses and opens them (`open_engines`: the backends and the `Choice` that says which
+engine and precision, and why). A backend's `array_namespace` is the array library its outputs
 belong to (NumPy, or CuPy's on a GPU, so that the sampling loop stays there). TensorRT and
 cuda-python are imported only when the TensorRT backend is used, and so are the modules for it:
-`TensorRTBackend`, `tensorrt_environment`, ... are loaded from here on first use.
+`TensorRTBackend`, `tensorrt_environment`, ... are loaded from here on first use; OpenVINO only when
+it is asked for or `auto` considers it (installed, a CPU with native bf16, precision auto).
 """
 
 from ..bundle import Bundle
+from ..contract import TEXT_ENCODER
 from ..contract.settings import is_int
 from ..errors import BackendError, BundleError, ParameterError
+from .choice import GATE, PRECISION_HELP, PRECISIONS, Choice, check_precision, choose_cpu
 from .feeds import STEP_INPUTS, check_feeds, engine_profile
 from .onnxruntime import (
     CPU_PROVIDER,
@@ -31,13 +38,17 @@ from .onnxruntime import (
     tensorrt_provider_options,
 )
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino")
 # What cuda.py gives, loaded on first use (module attribute lookup, PEP 562), and TensorRTBackend.
 _CUDA = ("tensorrt_environment", "check_engines_match", "gpu_name", "import_tensorrt", "is_lean")
 _CUDA += ("TENSORRT_NAMES", "CUDART_NAMES")
 
 __all__ = [
     "BACKENDS",
+    "GATE",
+    "PRECISION_HELP",
+    "PRECISIONS",
+    "Choice",
     "CPU_PROVIDER",
     "CUDA_PROVIDER",
     "GPU_PROVIDERS",
@@ -54,6 +65,8 @@ __all__ = [
     "engine_profile",
     "onnxruntime_providers",
     "open_backends",
+    "open_engines",
+    "OpenVINOBackend",
     "provider_names",
     "tensorrt_cache_dir",
     "tensorrt_provider_options",
@@ -63,6 +76,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "OpenVINOBackend":
+        from .openvino import OpenVINOBackend
+
+        return OpenVINOBackend
     if name == "TensorRTBackend":
         from .tensorrt import TensorRTBackend
 
@@ -74,11 +91,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_backend_options(backend: str, threads: int | None) -> None:
+def check_backend_options(backend: str, threads: int | None, precision: str = "fp32") -> None:
     if backend not in BACKENDS:
         raise ParameterError("backend", f"one of {', '.join(BACKENDS)}", backend)
     if threads is not None and (not is_int(threads) or threads < 1):
         raise ParameterError("threads", "a positive integer or None", threads)
+    check_precision(backend, precision)
 
 
 def choose_backend(bundle: Bundle, backend: str = "auto") -> tuple[Bundle, str]:
@@ -103,33 +121,61 @@ def choose_backend(bundle: Bundle, backend: str = "auto") -> tuple[Bundle, str]:
 
 
 def open_backends(
-    bundle: Bundle, backend: str = "auto", providers=None, threads: int | None = None
+    bundle: Bundle, backend: str = "auto", providers=None, threads: int | None = None, precision: str = "fp32"
 ) -> tuple[dict, str]:
-    """One backend per stage of a verified bundle, and the name of the one chosen.
+    """One backend per stage of a verified bundle, and the name of the engine chosen (`open_engines`)."""
+    backends, choice = open_engines(bundle, backend, providers, threads, precision)
+    return backends, choice.backend
 
-    backend: "onnxruntime"; "tensorrt" (the bundle's engines, on an NVIDIA GPU); "auto": TensorRT
-    when the bundle has engines usable here, else onnxruntime. providers: onnxruntime execution
-    providers (None: CPU; "auto": CUDA/TensorRT providers when installed). A failure closes what
-    was opened before it."""
-    check_backend_options(backend, threads)
-    bundle, chosen = choose_backend(bundle, backend)
+
+def open_engines(
+    bundle: Bundle, backend: str = "auto", providers=None, threads: int | None = None, precision: str = "fp32"
+) -> tuple[dict, Choice]:
+    """One backend per stage of a verified bundle, and the `Choice` (engine, precision, why).
+
+    backend: "onnxruntime"; "tensorrt" (the bundle's engines, on an NVIDIA GPU); "openvino" (OpenVINO
+    on the CPU); "auto": TensorRT when the bundle has engines usable here, else the CPU engine
+    choice.py picks for `precision`. precision: "fp32" (auto: ONNX Runtime, today's images), "bf16"
+    (OpenVINO's bf16 Unets) or "auto" (bf16 where the CPU has it natively, the Unets pass the quality
+    gate and, for backend auto, it was measured faster). providers: onnxruntime execution providers
+    (None: CPU; "auto": CUDA/TensorRT providers when installed). A failure closes what was opened
+    before it."""
+    check_backend_options(backend, threads, precision)
+    chosen = "onnxruntime"
+    if backend == "tensorrt" or (backend == "auto" and precision != "bf16"):
+        bundle, chosen = choose_backend(bundle, backend)
+    if chosen == "tensorrt":
+        unets = bundle.unets[0].precision if bundle.unets else "fp32"
+        why = "asked for" if backend == "tensorrt" else "the bundle's engines match this GPU"
+        choice = Choice("tensorrt", unets, f"tensorrt {unets} ({why})")
+    else:
+        choice = choose_cpu(bundle, backend, precision, threads, providers)
     cache = None  # the TensorRT execution provider's engine folder, made only when that provider is asked for
-    if chosen == "onnxruntime":
+    if choice.backend == "onnxruntime":
         check_providers(providers)
         if TENSORRT_PROVIDER in onnxruntime_providers(providers):
             cache = tensorrt_cache_dir(bundle.root)
+    elif choice.backend == "openvino":
+        from .openvino import openvino_cache_dir
+
+        cache = openvino_cache_dir(bundle.root)
     backends = {}
     try:
         for name, stage in bundle.stages.items():
-            backends[name] = _open(bundle, chosen, name, stage, providers, threads, cache)
+            backends[name] = _open(bundle, choice, name, stage, providers, threads, cache)
     except BaseException:
         close_backends(backends)
         raise
-    return backends, chosen
+    return backends, choice
 
 
-def _open(bundle: Bundle, chosen: str, name: str, stage, providers, threads, cache):
-    if chosen == "onnxruntime":
+def _open(bundle: Bundle, choice: Choice, name: str, stage, providers, threads, cache):
+    if choice.backend == "openvino":  # the text encoder in FP32, the Unets in the chosen precision
+        from .openvino import OpenVINOBackend
+
+        precision = "fp32" if name == TEXT_ENCODER else choice.precision
+        return OpenVINOBackend(bundle.path(stage.file), stage.signature, precision, threads, cache_dir=cache)
+    if choice.backend == "onnxruntime":
         path = bundle.path(stage.file)
         return OnnxRuntimeBackend(
             path, stage.signature, providers, threads, tensorrt_cache=cache, precision=stage.precision

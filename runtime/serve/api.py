@@ -136,14 +136,19 @@ def timeout_error(timeout_s: float, was_queued: bool) -> ServeError:
 
 
 def ready_body(pipe) -> dict:
-    """What /readyz answers (200) once the bundle is loaded and warmed."""
-    size = output_size(pipe)
+    """What /readyz answers (200) once the bundle is loaded and warmed: the bundle, the engine, the
+    Unets' precision, why they were chosen (`engine`, one line) and bf16's quality gate where it was
+    measured (`quality_gate`: threshold, each Unet's relative error, passed; else null)."""
+    size, choice = output_size(pipe), getattr(pipe, "choice", None)
     return {
         "ready": True,
         "bundle_sha": pipe.bundle.short_sha,
         "size": f"{size}x{size}",
         "max_batch": pipe.max_batch,
         "backend": pipe.backend_name,
+        "precision": pipe.precision,
+        "engine": None if choice is None else choice.reason,
+        "quality_gate": None if choice is None else choice.gate,
     }
 
 

@@ -74,8 +74,8 @@ def serve(config: ServeConfig) -> None:
             "this address can use the server",
             err=True,
         )
-    providers = PROVIDER_SETS[config.providers]
-    with Pipeline.load(config.bundle, backend=config.backend, providers=providers, threads=config.threads) as pipe:
+    providers, threads, precision = PROVIDER_SETS[config.providers], config.threads, config.precision
+    with Pipeline.load(config.bundle, config.backend, providers, threads, precision) as pipe:
         app = create_app(pipe, config)
         listener = _listen(config.host, config.port)
         logging.getLogger("imagen.serve").setLevel(config.log_level.upper())
@@ -91,8 +91,9 @@ def serve(config: ServeConfig) -> None:
             app.state.service,
         )
         bound_host, bound_port = listener.getsockname()[:2]
+        click.echo(f"{PREFIX}engine: {pipe.choice.reason}", err=True)
         click.echo(
-            f"{PREFIX}serving bundle {pipe.bundle.short_sha} ({pipe.backend_name}) on "
+            f"{PREFIX}serving bundle {pipe.bundle.short_sha} ({pipe.backend_name} {pipe.precision}) on "
             f"http://{_url_host(bound_host)}:{bound_port}",
             err=True,
         )

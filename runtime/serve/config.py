@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from imagen.runtime.backends import BACKENDS, PROVIDER_SETS
+from imagen.runtime.backends import BACKENDS, PRECISION_HELP, PRECISIONS, PROVIDER_SETS
 
 API_KEY_VARIABLE = "IMAGEN_API_KEY"
 CLI, RAY = "imagen-serve", "ray"  # the front ends
@@ -56,6 +56,7 @@ class ServeConfig:
 
     bundle: str | None = option(None, "Bundle folder (default: the built-in demo).")
     backend: str = option("auto", "Inference backend (as for imagen-run).", choices=tuple(BACKENDS))
+    precision: str = option("auto", PRECISION_HELP, choices=tuple(PRECISIONS))
     providers: str = option(
         "cpu",
         "ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",

@@ -1,0 +1,416 @@
+"""The OpenVINO backend and the CPU engine choice (runtime/backends/openvino.py, choice.py): OpenVINO
+FP32 against ONNX Runtime (1e-5), bf16 within the quality gate, typed feed errors, threads, the
+compiled-model cache and a damaged blob, the measured-choice cache and a damaged entry, `auto`'s
+rules with fake CPU flags and fake timings, TensorRT first on a GPU, `--precision fp32` bit for bit
+with the stored images, the info, PNG and /readyz fields, and the command lines' errors.
+
+Tests that run OpenVINO skip without it; bf16 ones skip on CPUs without native bf16. Every test
+keeps its caches in a temporary IMAGEN_CACHE_DIR."""
+
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from imagen.runtime import Pipeline, load_bundle
+from imagen.runtime.backends import GATE, OnnxRuntimeBackend, choice, machine, open_engines
+from imagen.runtime.cli import main as run_cli
+from imagen.runtime.errors import BackendError, ParameterError, SignatureError
+from imagen.runtime.pipeline import DEMO_BUNDLE
+
+from bundles import make_bundle, with_engines
+from golden import CALLS, digest, machine_key, stored
+from threads import failures_in_threads
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+NATIVE_BF16 = machine.native_bf16(machine.cpu_flags(), ())
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed: pip install '.[openvino]'")
+needs_bf16 = pytest.mark.skipif(
+    not (HAS_OPENVINO and NATIVE_BF16), reason="needs openvino and a CPU with native bf16 (avx512_bf16 or amx_bf16)"
+)
+DIGESTS = stored(Path(__file__).parent / "data" / "golden_images.json")
+PROMPTS = ["a small red circle on the left", "a large blue square at the top"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    """A fresh per-user cache folder for this module (nothing is written under ~/.cache)."""
+    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get(machine.CACHE_VARIABLE)
+    os.environ[machine.CACHE_VARIABLE] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(machine.CACHE_VARIABLE, None)
+    else:
+        os.environ[machine.CACHE_VARIABLE] = before
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_bundle(DEMO_BUNDLE)
+
+
+def _feeds(bundle, name, batch, seed=0):
+    stage = bundle.stages[name]
+    if name in [unet.name for unet in bundle.unets]:
+        return choice.measurement_feeds(bundle, stage, batch, seed)
+    return stage.signature.sample_inputs(batch, np.random.default_rng(seed))
+
+
+def _openvino(bundle, name, precision="fp32", cache_dir=None):
+    from imagen.runtime.backends import OpenVINOBackend
+
+    stage = bundle.stages[name]
+    return OpenVINOBackend(bundle.path(stage.file), stage.signature, precision, 2, cache_dir=cache_dir)
+
+
+def _onnxruntime(bundle, name):
+    stage = bundle.stages[name]
+    return OnnxRuntimeBackend(bundle.path(stage.file), stage.signature, None, 2)
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+
+@needs_openvino
+def test_openvino_fp32_equals_onnxruntime_within_1e_5(demo):
+    for name in demo.stages:
+        ours, theirs = _openvino(demo, name), _onnxruntime(demo, name)
+        for batch in (demo.stages[name].signature.batch_opt, 3):  # compiled at load, and on first use
+            feeds = _feeds(demo, name, batch)
+            output = demo.stages[name].signature.output_names[0]
+            got, want = ours.run(feeds)[output], theirs.run(feeds)[output]
+            error = choice.relative_error(got, want)
+            print(f"{name} batch {batch}: OpenVINO FP32 vs ONNX Runtime relative error {error:.2e}")
+            assert got.dtype == np.float32 and got.shape == want.shape and error <= 1e-5
+
+
+@needs_bf16
+def test_bf16_unets_are_within_the_gate_and_really_bf16(demo):
+    """The real measurement (`choice.measured`: OpenVINO bf16 against ONNX Runtime FP32 at batch 2 and
+    16): within GATE, and above 1e-4, which an engine that silently ran FP32 would not reach."""
+    entry, when = choice.measured(demo, 2)
+    for name, error in entry["gate"].items():
+        row = entry["timings"][name]
+        print(f"{name}: bf16 relative error {error:.2e}; seconds {row} ({when})")
+        assert 1e-4 < error <= GATE and row["batch"] == [2, 16]
+    assert set(entry["gate"]) == {"unet_0", "unet_1"}
+
+
+@needs_openvino
+def test_feed_errors_are_typed_and_a_closed_backend_refuses(demo):
+    backend, feeds = _openvino(demo, "unet_0"), _feeds(demo, "unet_0", 2)
+    bad = [
+        ({k: v for k, v in feeds.items() if k != "time"}, "missing ['time']"),
+        ({**feeds, "x": feeds["x"].astype(np.float64)}, "input x must be float32, got float64"),
+        (_feeds(demo, "unet_0", 17), "batch 17 is outside [1, 16]"),
+        ({**feeds, "x": feeds["x"][:, :, :16]}, "dimension 2 must be 32, got 16"),
+        ([feeds], "feeds must be a dict"),
+    ]
+    for wrong, fragment in bad:
+        with pytest.raises(SignatureError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            backend.run(wrong)
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.run(feeds)
+
+
+@needs_openvino
+def test_threads_sharing_a_backend_get_the_results_of_serial_calls(demo, tmp_path, monkeypatch):
+    """Four threads, two batch sizes: each result equals the serial call's, bit for bit (one infer
+    request per thread and compiled size). With room for one compiled size, switching sizes drops
+    and reloads them and the results stay the same."""
+    from imagen.runtime.backends import openvino
+
+    backend = _openvino(demo, "unet_1", cache_dir=tmp_path)
+    feeds = [_feeds(demo, "unet_1", 2 + 2 * (index % 2), seed=index) for index in range(4)]
+    serial = [backend.run(f)["noise_pred"] for f in feeds]
+
+    def work(index):
+        for _ in range(2):
+            if not np.array_equal(backend.run(feeds[index])["noise_pred"], serial[index]):
+                return "differs from the serial call"
+        return None
+
+    assert failures_in_threads(work) == []
+    monkeypatch.setattr(openvino, "MAX_SHAPES", 1)
+    for index in (1, 0, 1):
+        np.testing.assert_array_equal(backend.run(feeds[index])["noise_pred"], serial[index])
+        assert list(backend._shapes) == [len(feeds[index]["x"])]
+
+
+def _blobs(folder: Path) -> dict:
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.glob("*.blob")}
+
+
+@needs_openvino
+def test_second_load_imports_the_cached_model_and_a_damaged_blob_is_compiled_again(demo, tmp_path):
+    from imagen.runtime.backends.openvino import read_blob
+
+    folder = tmp_path / "compiled"
+    first = _openvino(demo, "unet_1", cache_dir=folder)
+    feeds = _feeds(demo, "unet_1", 2)
+    want = first.run(feeds)["noise_pred"]
+    blobs = _blobs(folder)
+    assert len(blobs) == 1  # batch 2, compiled at load
+    again = _openvino(demo, "unet_1", cache_dir=folder)
+    assert _blobs(folder) == blobs  # imported: nothing compiled or written
+    np.testing.assert_array_equal(again.run(feeds)["noise_pred"], want)
+    for path in folder.glob("*.blob"):
+        path.chmod(0o644)  # OpenVINO writes its blobs read-only
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3 : len(data) // 3 + 4096] = os.urandom(4096)
+        path.write_bytes(bytes(data))
+    survived = _openvino(demo, "unet_1", cache_dir=folder)  # OpenVINO alone would import it and give NaN
+    np.testing.assert_array_equal(survived.run(feeds)["noise_pred"], want)
+    assert all(read_blob(path) is not None for path in folder.glob("*.blob"))  # compiled again and replaced
+
+
+@needs_openvino
+def test_openvino_cache_folder_is_per_machine_and_bundle_and_never_in_the_bundle(demo, cache_root):
+    from imagen.runtime.backends.openvino import openvino_cache_dir
+
+    folder = openvino_cache_dir(demo.root)
+    assert folder == cache_root / "openvino" / machine.machine_key() / demo.short_sha
+    assert DEMO_BUNDLE.resolve() not in folder.resolve().parents
+
+
+# --- the measured choice and its cache ----------------------------------------------------------
+
+
+def _fake_measure(calls: list, gate=(5e-3, 8e-3), onnxruntime=(10.0, 100.0), bf16=(6.0, 50.0)):
+    """A `measure` that records its calls and returns these errors and seconds (batch 2, batch 16) per Unet."""
+
+    def measure(bundle, threads):
+        calls.append(threads)
+        names = [stage.name for stage in bundle.unets]
+        row = {"batch": [2, 16], "onnxruntime": list(onnxruntime), "openvino_bf16": list(bf16)}
+        entry = choice.entry_key(bundle, threads)
+        return {**entry, "gate": dict(zip(names, gate)), "timings": {name: dict(row) for name in names}}
+
+    return measure
+
+
+@pytest.fixture
+def fake_cache(monkeypatch, tmp_path):
+    """A cache folder of this test's own (fake measurements must not reach the other tests), and a
+    fixed OpenVINO version (none need be installed)."""
+    monkeypatch.setenv(machine.CACHE_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setattr(choice, "openvino_version", lambda: "2026.4.1")
+    return tmp_path / "cache"
+
+
+def _entry_path(cache_root, bundle, threads):
+    return cache_root / "choice" / machine.machine_key() / f"{bundle.short_sha}-t{threads}.json"
+
+
+def test_measurements_are_cached_and_a_damaged_or_stale_entry_is_measured_again(demo, fake_cache):
+    calls = []
+    measure = _fake_measure(calls)
+    path = _entry_path(fake_cache, demo, 3)
+    assert choice.measured(demo, 3, measure)[1] == "measured now" and json.loads(path.read_text())["threads"] == 3
+    assert choice.measured(demo, 3, measure)[1] == "cached" and calls == [3]
+    for damage in (b"{not json", b"", json.dumps({"format": 1}).encode(), path.read_bytes()[:40]):
+        path.write_bytes(damage)
+        entry, when = choice.measured(demo, 3, measure)
+        assert when == "measured now" and entry["gate"] == {"unet_0": 5e-3, "unet_1": 8e-3}
+        assert choice.read_entry(path, choice.entry_key(demo, 3), ["unet_0", "unet_1"]) == entry  # rewritten whole
+    stale = json.loads(path.read_text())
+    stale["versions"]["openvino"] = "2020.1"
+    path.write_text(json.dumps(stale))
+    assert choice.measured(demo, 3, measure)[1] == "measured now" and len(calls) == 6
+    assert not list(path.parent.glob(".*.tmp"))  # written under a temporary name, then renamed
+
+
+def test_an_unwritable_cache_folder_means_measuring_each_time(demo, tmp_path, monkeypatch, fake_cache):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(machine.CACHE_VARIABLE, str(blocked))
+    calls = []
+    for _ in range(2):
+        assert choice.measured(demo, 2, _fake_measure(calls))[1] == "measured now"
+    assert len(calls) == 2
+
+
+def test_decide_weights_each_unet_by_its_calls_and_asks_for_both_batches():
+    entry = {
+        "gate": {"unet_0": 1e-2, "unet_1": 2e-2},
+        "timings": {
+            "unet_0": {"batch": [2, 16], "onnxruntime": [10.0, 80.0], "openvino_bf16": [5.0, 40.0]},
+            "unet_1": {"batch": [2, 16], "onnxruntime": [10.0, 80.0], "openvino_bf16": [30.0, 60.0]},
+        },
+    }
+    faster, why = choice.decide(entry, {"unet_0": 20, "unet_1": 5})  # batch 2: 250 vs 250; 16: 2000 vs 1100
+    assert faster and "1.00x at batch 2" in why and "1.82x at batch 16" in why
+    assert not choice.decide(entry, {"unet_0": 20, "unet_1": 6})[0]  # slower at batch 2
+    entry["gate"]["unet_1"] = 3.1e-2
+    faster, why = choice.decide(entry, {"unet_0": 20, "unet_1": 5})
+    assert not faster and "unet_1 relative error 3.1e-02 > 3e-02" in why
+    assert choice.default_calls(load_bundle(DEMO_BUNDLE)) == {"unet_0": 20, "unet_1": 5}  # ddpm 20, sr 0.25
+
+
+@pytest.mark.parametrize(
+    "flags,backend,precision,timings,gate,expected,fragment",
+    [
+        ({"avx2", "fma"}, "auto", "auto", None, None, ("onnxruntime", "fp32"), "no native bf16"),
+        ({"avx2", "avx512f"}, "openvino", "auto", None, None, ("openvino", "fp32"), "no native bf16"),
+        ({"avx512_bf16"}, "auto", "fp32", None, None, ("onnxruntime", "fp32"), "the exact path"),
+        ({"avx512_bf16"}, "onnxruntime", "auto", None, None, ("onnxruntime", "fp32"), "asked for"),
+        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (5e-3, 8e-3), ("openvino", "bf16"), "1.67x at batch 2"),
+        ({"amx_bf16"}, "auto", "auto", (10.0, 12.0), (5e-3, 8e-3), ("onnxruntime", "fp32"), "was not faster"),
+        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (5e-3, 4e-2), ("onnxruntime", "fp32"), "quality gate"),
+        ({"avx512_bf16"}, "openvino", "auto", (10.0, 12.0), (5e-3, 8e-3), ("openvino", "bf16"), "gate 8.0e-03"),
+        ({"avx512_bf16"}, "openvino", "auto", (10.0, 6.0), (5e-3, 4e-2), ("openvino", "fp32"), "gate 4.0e-02"),
+        ({"avx512_bf16"}, "auto", "bf16", (10.0, 12.0), (5e-3, 4e-2), ("openvino", "bf16"), "--precision bf16"),
+    ],
+)
+def test_auto_rules_with_fake_cpu_flags_and_timings(
+    demo, monkeypatch, fake_cache, flags, backend, precision, timings, gate, expected, fragment
+):
+    """What each CPU and measurement leads to; no OpenVINO model is compiled (the measurement is
+    faked, and a CPU without native bf16 must never be measured)."""
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
+    if timings is None:
+        measure = lambda *args: pytest.fail("measured")  # noqa: E731
+    else:
+        slow, fast = timings
+        measure = _fake_measure([], gate, onnxruntime=(slow, 10 * slow), bf16=(fast, 10 * fast))
+    made = choice.choose_cpu(demo, backend, precision, 2, measure=measure)
+    print(made.reason)
+    assert (made.backend, made.precision) == expected and fragment in made.reason
+    assert made.reason.startswith(f"{made.backend} {made.precision} (") and "\n" not in made.reason
+    assert (made.gate is None) == (timings is None)
+
+
+def test_bf16_is_refused_where_it_cannot_run_with_the_fix(demo, monkeypatch):
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
+    for backend in ("auto", "openvino"):
+        with pytest.raises(BackendError, match=r"no native bf16.*use --precision fp32 or auto"):
+            choice.choose_cpu(demo, backend, "bf16", 2)
+    for backend in ("onnxruntime", "tensorrt"):
+        with pytest.raises(ParameterError, match=f"precision must be fp32 or auto with --backend {backend}"):
+            Pipeline.load(backend=backend, precision="bf16")
+    with pytest.raises(ParameterError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        Pipeline.load(precision="fp16")
+    with pytest.raises(ParameterError, match="with --providers"):
+        choice.choose_cpu(demo, "auto", "bf16", 2, providers=["CPUExecutionProvider"])
+    with pytest.raises(ParameterError, match="providers must be cpu with --backend openvino"):
+        choice.choose_cpu(demo, "openvino", "fp32", 2, providers="auto")
+
+
+def test_without_openvino_auto_is_onnxruntime_and_asking_for_it_names_the_install(demo, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    made = choice.choose_cpu(demo, "auto", "auto", 2)
+    assert (made.backend, made.precision) == ("onnxruntime", "fp32") and "not installed" in made.reason
+    for backend, precision in (("openvino", "fp32"), ("auto", "bf16")):
+        with pytest.raises(BackendError, match=r"OpenVINO is not installed.*pip install 'imagen-cascade\[openvino\]'"):
+            choice.choose_cpu(demo, backend, precision, 2)
+
+
+def test_tensorrt_stays_first_on_a_gpu_whatever_the_cpu(tmp_path, monkeypatch):
+    from imagen.runtime import backends
+    from imagen.runtime.backends import cuda, tensorrt
+
+    root = with_engines(make_bundle(tmp_path / "bundle"))
+    monkeypatch.setattr(cuda, "tensorrt_environment", lambda: (None, None, "9.0", "10.3.0"))
+    monkeypatch.setattr(tensorrt, "TensorRTBackend", lambda *args, **kwargs: object())
+    monkeypatch.setattr(backends, "choose_cpu", lambda *args, **kwargs: pytest.fail("the CPU choice was asked"))
+    backends, made = open_engines(load_bundle(root), "auto", precision="auto")
+    assert (made.backend, made.precision) == ("tensorrt", "fp32") and set(backends) == {
+        "text_encoder",
+        "unet_0",
+        "unet_1",
+    }
+    assert made.reason == "tensorrt fp32 (the bundle's engines match this GPU)"
+
+
+# --- the pipeline, the command lines and the servers ----------------------------------------------
+
+
+@pytest.mark.skipif(DIGESTS is None, reason=f"no stored digests for this machine ({machine_key()})")
+def test_precision_fp32_makes_the_stored_images_bit_for_bit(tmp_path):
+    """imagen-run --precision fp32 on ONNX Runtime: the stored images (Pipeline.load's default, fp32, is
+    held to them by test_golden_images.py)."""
+    call = CALLS["defaults"]
+    options = ["--seed", "7", "--sampler", "dpmpp_2m", "--steps", "25", "--sr-strength", "0.25", "--threads", "2"]
+    args = [*call["prompts"], *options, "--out-dir", str(tmp_path), "--precision", "fp32", "--verbose", "--quiet"]
+    result = CliRunner().invoke(run_cli, args)
+    assert result.exit_code == 0, result.output
+    assert "engine: onnxruntime fp32 (--precision fp32: the exact path)" in result.stderr
+    images = [Image.open(path) for path in sorted(tmp_path.glob("*.png"))]
+    assert digest(np.stack([np.asarray(image) for image in images])) == DIGESTS["defaults"]
+    assert {(image.text["backend"], image.text["precision"]) for image in images} == {("onnxruntime", "fp32")}
+
+
+@needs_openvino
+def test_openvino_pipeline_info_png_and_readyz(tmp_path):
+    from imagen.runtime import encode_png
+
+    pipe = Pipeline.load(backend="openvino", precision="fp32", threads=2)
+    exact = Pipeline.load(threads=2)
+    result, reference = pipe(PROMPTS, seed=7, steps=[4, 2]), exact(PROMPTS, seed=7, steps=[4, 2])
+    difference = np.abs(result.array.astype(np.int16) - reference.array.astype(np.int16))
+    print(f"OpenVINO FP32 vs ONNX Runtime uint8: max {difference.max()}, share equal {np.mean(difference == 0):.4f}")
+    assert difference.max() <= 2 and np.mean(difference == 0) >= 0.99
+    assert [(i["backend"], i["precision"]) for i in result.info] == [("openvino", "fp32")] * 2
+    text = Image.open(io.BytesIO(encode_png(result.array[0], result.info[0]))).text
+    assert (text["backend"], text["precision"]) == ("openvino", "fp32")
+    if importlib.util.find_spec("fastapi") is None:
+        return
+    from fastapi.testclient import TestClient
+
+    from imagen.runtime.serve import ServeConfig, create_app
+
+    with TestClient(create_app(pipe, ServeConfig(warmup=False))) as client:
+        body = client.get("/readyz").json()
+    assert (body["backend"], body["precision"], body["quality_gate"]) == ("openvino", "fp32", None)
+    assert body["engine"] == "openvino fp32 (asked for)"
+
+
+@needs_bf16
+def test_bf16_pipeline_reports_its_gate_and_stays_near_fp32():
+    pipe = Pipeline.load(backend="openvino", precision="bf16", threads=2)
+    assert (pipe.backend_name, pipe.precision) == ("openvino", "bf16")
+    gate = pipe.choice.gate
+    assert gate["threshold"] == GATE and gate["passed"] and set(gate["rel_error"]) == {"unet_0", "unet_1"}
+    result = pipe(PROMPTS, seed=7, steps=[8, 4])
+    reference = Pipeline.load(threads=2)(PROMPTS, seed=7, steps=[8, 4])
+    difference = np.abs(result.array.astype(np.int16) - reference.array.astype(np.int16))
+    print(f"bf16 vs FP32 uint8: mean {difference.mean():.2f}, max {difference.max()} (gate {gate['rel_error']})")
+    assert difference.mean() <= 4 and result.info[0]["precision"] == "bf16"
+
+
+def test_command_lines_refuse_bad_precisions_in_one_line(tmp_path):
+    from imagen.runtime.serve.cli import main as serve_cli
+    from imagen.shapes.cli import main as eval_cli
+
+    out = tmp_path / "x.png"
+    cases = [
+        (run_cli, ["a", "-o", str(out), "--backend", "onnxruntime", "--precision", "bf16"], "error: precision must"),
+        (run_cli, ["a", "-o", str(out), "--precision", "fp16"], "error: Invalid value for '--precision'"),
+        (eval_cli, ["--n", "1", "--backend", "tensorrt", "--precision", "bf16"], "error: precision must be fp32 or"),
+        (serve_cli, ["--backend", "onnxruntime", "--precision", "bf16"], "imagen-serve: error: precision must"),
+    ]
+    for cli, args, start in cases:
+        result = CliRunner().invoke(cli, args)
+        line = (result.stderr or result.output).strip()
+        assert result.exit_code == 2 and "\n" not in line and line.startswith(start), line
+    assert not out.exists()
+
+
+def test_servers_take_precision_as_a_checked_field():
+    from imagen.runtime.serve.config import RAY, ArgumentError, ServeConfig, parse_options
+
+    assert ServeConfig().precision == "auto"
+    assert parse_options((ServeConfig,), {"precision": "fp32"}, RAY) == [{"precision": "fp32"}]
+    with pytest.raises(ArgumentError, match="precision: must be one of auto, fp32, bf16, got 'half'"):
+        parse_options((ServeConfig,), {"precision": "half"}, RAY)
