@@ -80,14 +80,22 @@ def export_bundle(
     **fields,
 ) -> Manifest:
     """Exports every stage of the run or MinImagen directory `ckpt` (or DeepFloyd IF stage I folder,
-    `deepfloyd_bundle`) into the bundle folder `out`, measures parity, optionally builds TensorRT
-    engines; returns the manifest.
+    `deepfloyd_bundle`; or imagen-pytorch checkpoint, `imagen_pytorch_bundle`) into the bundle folder
+    `out`, measures parity, optionally builds TensorRT engines; returns the manifest.
 
     `options` says how (`ExportOptions`, whose fields may also be given as keywords: `fp16=True`
     alone, or over `options`); `report` receives one line per step."""
     options = ExportOptions(**fields) if options is None else replace(options, **fields)
     from .deepfloyd_bundle import export_if_bundle, is_if_folder
+    from .imagen_pytorch_bundle import export_imagen_pytorch_bundle, is_imagen_pytorch_checkpoint
 
+    if is_imagen_pytorch_checkpoint(ckpt):
+        return export_imagen_pytorch_bundle(ckpt, out, options, report=report)
+    if options.config is not None or options.ema:
+        raise ExportError(
+            f"--config and --ema apply to imagen-pytorch checkpoints (a file ImagenTrainer.save wrote); {ckpt} is "
+            "not one: drop them"
+        )
     if is_if_folder(ckpt):
         return export_if_bundle(ckpt, out, options, report=report)
     if options.stage2 is not None:

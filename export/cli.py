@@ -19,8 +19,8 @@ DEFAULTS = ExportOptions()
     "--ckpt",
     required=True,
     type=click.Path(),
-    help="A run directory of imagen-train, a MinImagen training directory, or a DeepFloyd IF stage I "
-    "folder (IFPipeline.save_pretrained).",
+    help="A run directory of imagen-train, a MinImagen training directory, a DeepFloyd IF stage I "
+    "folder (IFPipeline.save_pretrained), or an imagen-pytorch checkpoint (ImagenTrainer.save).",
 )
 @click.option(
     "--stage2",
@@ -28,6 +28,14 @@ DEFAULTS = ExportOptions()
     default=None,
     help="DeepFloyd IF: the stage II folder (IFSuperResolutionPipeline.save_pretrained) that upscales stage I.",
 )
+@click.option(
+    "--config",
+    type=click.Path(),
+    default=None,
+    help='imagen-pytorch: a JSON file of the cascade\'s parameters ({"type": "original" or "elucidated", '
+    '"imagen": {...}}), for a checkpoint saved without them (a cascade not built from ImagenConfig).',
+)
+@click.option("--ema", is_flag=True, help="imagen-pytorch: export the EMA weights (what ImagenTrainer.sample uses).")
 @click.option("--out", default="bundle", show_default=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--fp16", is_flag=True, help="FP16 Unets (FP32 inputs and outputs); the T5 encoder stays FP32.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
@@ -52,7 +60,8 @@ DEFAULTS = ExportOptions()
     "--text-encoder",
     type=click.Path(),
     default=None,
-    help="Local T5 folder (needed for MinImagen directories; for IF, when stage I's folder has no text_encoder/).",
+    help="Local T5 folder (needed for MinImagen directories and imagen-pytorch checkpoints; for IF, when "
+    "stage I's folder has no text_encoder/).",
 )
 @click.option(
     "--sampler",

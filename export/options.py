@@ -23,7 +23,9 @@ class ExportOptions:
     - `weights`: which checkpoint of a run (`WEIGHT_KINDS`); `text_encoder`: a T5 folder (needed for
       MinImagen directories, else it replaces the run's own); `unets=K`: the first K Unets of a
       MinImagen directory (a complete, smaller cascade); `stage2`: a DeepFloyd IF stage II folder
-      (IFSuperResolutionPipeline), when the checkpoint is an IF stage I folder.
+      (IFSuperResolutionPipeline), when the checkpoint is an IF stage I folder. imagen-pytorch
+      checkpoints: `config`, a JSON file of the cascade's parameters (for a checkpoint without
+      `imagen_params`), and `ema`, take its EMA weights instead of the trained ones.
     - `max_batch`: the largest number of images per call (Unets see twice this: cond + uncond);
       `opset`: the ONNX opset.
     - `sampler`, `steps`, `sr_strength`: the bundle's defaults (steps None: every trained timestep;
@@ -40,6 +42,8 @@ class ExportOptions:
     text_encoder: str | Path | None = None
     unets: int | None = None
     stage2: str | Path | None = None
+    config: str | Path | None = None
+    ema: bool = False
     max_batch: int = 8
     opset: int = 18
     sampler: str = "ddpm"

@@ -14,6 +14,20 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> to
     return uncond + scale * (cond - uncond)
 
 
+def remove_parallel_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """imagen-pytorch's classifier-free guidance (its `sample()` default): the update cond - uncond
+    without its component parallel to cond, cond + (scale - 1) update_orthogonal. The projection
+    is per sample over all its values, in float64 (cond / max(||cond||, 1e-12) the unit vector),
+    and cast back to float32 before it meets the images."""
+    update = cond - uncond
+    update64 = update.reshape(cond.shape[0], -1).double()
+    cond64 = cond.reshape(cond.shape[0], -1).double()
+    unit = cond64 / cond64.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    parallel = (update64 * unit).sum(dim=-1, keepdim=True) * unit
+    orthogonal = (update64 - parallel).float().reshape(cond.shape)
+    return cond + orthogonal * (scale - 1)
+
+
 def dynamic_threshold(x0: torch.Tensor, percentile: float, maximum: float | None = None) -> torch.Tensor:
     """Imagen sec. 2.3: per sample s = max(quantile_p(|x0|), 1) with linear interpolation, at most
     `maximum` when given (diffusers' sample_max_value); clip x0 to [-s, s] and divide by s."""

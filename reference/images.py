@@ -32,3 +32,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     in the images' float dtype (float32 for the cascade's output)."""
     quantized = torch.floor(images.clamp(0, 1) * 255 + 0.5)
     return quantized.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def resize_nearest(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Enlarges (b, c, h, w) images in [-1, 1] as imagen-pytorch passes a stage's image to the next:
+    to [0, 1] ((x + 1) 0.5), nearest neighbour (interpolate(mode="nearest")), back to [-1, 1]."""
+    return F.interpolate((x + 1.0) * 0.5, size, mode="nearest") * 2.0 - 1.0

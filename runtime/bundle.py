@@ -26,9 +26,9 @@ from .contract import (
     StageSignature,
     sha256_file,
     text_encoder_signature,
-    unet_name,
     unet_signature,
 )
+from .contract.sampling import TABLE_SAMPLERS
 from .contract.settings import Settings, check_guidance_per_unet, check_sr_strength
 from .errors import BundleError, ParameterError
 from .schedule import Schedule
@@ -60,7 +60,10 @@ class Bundle:
     @property
     def timesteps(self) -> list[int]:
         """Each Unet's schedule length: the most steps it can take."""
-        return [self.schedules[stage.name].num_timesteps for stage in self.unets]
+        return [
+            self.schedules[stage.name].num_timesteps if stage.how_sampled.steps is None else stage.how_sampled.steps
+            for stage in self.unets
+        ]
 
     @property
     def max_batch(self) -> int:
@@ -184,6 +187,12 @@ def _check_stages(manifest: Manifest) -> None:
     length, width = manifest.max_length, manifest.embed_dim
     encoder = manifest.stages[TEXT_ENCODER]
     _check_signature(encoder, text_encoder_signature(length, width, encoder.signature.batch_max), width)
+    times = {stage.how_sampled.time for stage in manifest.unets}
+    if len(times) > 1:
+        raise BundleError(
+            f"{MANIFEST}: the Unets are sampled in different kinds of time ({', '.join(sorted(times))}); one "
+            f"request's sampler walks every Unet, {REEXPORT}"
+        )
     modes = {stage.how_sampled.unconditional for stage in manifest.unets}
     if len(modes) > 1:
         raise BundleError(
@@ -212,8 +221,43 @@ def _check_stages(manifest: Manifest) -> None:
             manifest.channels,
             null_text=sampling.unconditional == "null_text",
             learned_variance=sampling.variance == "learned_range",
+            self_cond=sampling.self_cond,
+            prediction=sampling.prediction,
         )
         _check_signature(stage, expected, width)
+
+
+def check_settings_fit(manifest: Manifest, settings: Settings) -> None:
+    """ParameterError unless the settings can sample this bundle: a stage sampled from a per-step table
+    (imagen-pytorch's continuous time or Karras sigmas) takes only its own sampler, its table's number
+    of steps and no sr_strength; a discrete stage any sampler but those."""
+    for index, stage in enumerate(manifest.unets):
+        sampling = stage.how_sampled
+        if sampling.sampler is None:
+            if settings.sampler in TABLE_SAMPLERS.values():
+                raise ParameterError(
+                    "sampler", "a sampler over a discrete schedule (ddpm, ddim, dpmpp_2m, ...)", settings.sampler
+                )
+            continue
+        if settings.sampler != sampling.sampler:
+            raise ParameterError(
+                "sampler",
+                f"{sampling.sampler} (this bundle's Unets are sampled in {sampling.time} time)",
+                settings.sampler,
+            )
+        if settings.steps[index] != sampling.steps:
+            raise ParameterError(
+                "steps",
+                f"{sampling.steps} for {stage.name} (its steps are fixed by the bundle's per-step table; "
+                "imagen-export --steps N writes another)",
+                settings.steps[index],
+            )
+        if index > 0 and settings.sr_strength != 1:
+            raise ParameterError(
+                "sr_strength",
+                f"1 for {stage.name} (a {sampling.time}-time stage starts from noise)",
+                settings.sr_strength,
+            )
 
 
 def _default_settings(manifest: Manifest, timesteps: list[int]) -> Settings:
@@ -221,12 +265,14 @@ def _default_settings(manifest: Manifest, timesteps: list[int]) -> Settings:
     defaults = manifest.defaults
     steps = defaults.steps_per_unet(timesteps)
     try:
-        return Settings(
+        settings = Settings(
             sampler=defaults.sampler,
             steps=steps,
             guidance_scale=check_guidance_per_unet(defaults.guidance_per_unet(len(timesteps)), len(timesteps)),
             sr_strength=check_sr_strength(1.0 if defaults.sr_strength is None else defaults.sr_strength),
         )
+        check_settings_fit(manifest, settings)
+        return settings
     except ParameterError as error:
         raise BundleError(
             f"{MANIFEST}: defaults.{error.parameter} {error.value!r} is not {error.limit}; {REEXPORT}"
@@ -295,9 +341,11 @@ def load_bundle(path, *, tensorrt_engines: bool = False) -> Bundle:
         else:
             _inside(root, entry.file, f"TensorRT engine {name}")
     schedules = _schedules(manifest)
-    default_settings = _default_settings(
-        manifest, [schedules[unet_name(i)].num_timesteps for i in range(len(manifest.image_sizes))]
-    )
     _check_stages(manifest)
+    timesteps = [
+        schedules[stage.name].num_timesteps if stage.how_sampled.steps is None else stage.how_sampled.steps
+        for stage in manifest.unets
+    ]
+    default_settings = _default_settings(manifest, timesteps)
     checks.verify_hashes()
     return Bundle(root, manifest, hashlib.sha256(raw).hexdigest(), schedules, default_settings, checks.paths)

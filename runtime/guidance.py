@@ -21,6 +21,23 @@ def apply_guidance(cond, uncond, scale: float):
     return uncond + float(np.float32(scale)) * (cond - uncond)
 
 
+def remove_parallel_guidance(cond, uncond, scale: float):
+    """imagen-pytorch's classifier-free guidance (its `sample()` default): the update cond - uncond
+    without its component parallel to cond, cond + (scale - 1) update_orthogonal. The projection
+    is per sample over all its values, in float64 (cond / max(||cond||, 1e-12) the unit vector),
+    and cast back to float32 before it meets the images."""
+    xp = namespace(cond)
+    update = cond - uncond
+    rows = (cond.shape[0], -1)
+    update64 = xp.astype(xp.reshape(update, rows), xp.float64)
+    cond64 = xp.astype(xp.reshape(cond, rows), xp.float64)
+    norm = xp.sqrt(xp.sum(cond64 * cond64, axis=-1, keepdims=True))
+    unit = cond64 / xp.maximum(norm, xp.full_like(norm, 1e-12))
+    parallel = xp.sum(update64 * unit, axis=-1, keepdims=True) * unit
+    orthogonal = xp.reshape(xp.astype(update64 - parallel, xp.float32), cond.shape)
+    return cond + orthogonal * float(np.float32(scale - 1))
+
+
 def quantile(values, q: float):
     """numpy.quantile(values, q, axis=-1) of (B, N) values for a float q in [0, 1] (method "linear",
     NumPy's order of float operations, in the values' dtype): with the sorted values v and

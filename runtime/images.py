@@ -51,6 +51,19 @@ def resize_image(x, size: int, align_corners: bool = False):
     return out if out.dtype == x.dtype else namespace(x).astype(out, x.dtype)
 
 
+def resize_nearest(x, size: int):
+    """Enlarges (b, c, h, w) images in [-1, 1] as imagen-pytorch passes a stage's image to the next:
+    to [0, 1] ((x + 1) 0.5), nearest neighbour (PyTorch's interpolate(mode="nearest"): source index
+    floor(i in / out)), back to [-1, 1] (2 x - 1), in float32 as its torch does."""
+    xp = namespace(x)
+    image = (x + 1.0) * 0.5
+    for axis in (-2, -1):
+        n_in = image.shape[axis]
+        index = np.minimum(np.floor(np.arange(size, dtype=np.float32) * np.float32(n_in / size)), n_in - 1)
+        image = xp.take(image, to_namespace(xp, index.astype(np.int64), like=x), axis=axis)
+    return image * 2.0 - 1.0
+
+
 def to_uint8(images):
     """(b, c, h, w) images in [0, 1] -> uint8 (b, h, w, c): floor(clip(images, 0, 1) * 255 + 0.5),
     in the images' float dtype (float32 for the cascade's output), in the images' namespace."""

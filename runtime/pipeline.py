@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import backend_device, backend_namespace, device, namespace, to_namespace, to_numpy
-from .backends import check_backend_options, close_backends, open_backends
-from .bundle import Bundle, load_bundle
+from .backends import check_backend_options, close_backends, open_engines
+from .bundle import Bundle, check_settings_fit, load_bundle
+from .continuous import sample_table_stage
 from .contract import LOWRES, MANIFEST, TEXT_ENCODER
 from .contract.settings import MAX_SEED, Settings, check_seed, is_int
 from .errors import BackendError, BundleError, NonFiniteError, ParameterError, PromptError
@@ -48,11 +49,15 @@ DEMO_BUNDLE = Path(__file__).parent / "demo"
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backends: dict, tokenizer: Tokenizer | None = None, backend_name: str = ""):
+    def __init__(
+        self, bundle: Bundle, backends: dict, tokenizer: Tokenizer | None = None, backend_name: str = "", choice=None
+    ):
         self.bundle = bundle
         self.backends = backends
         self.tokenizer = tokenizer or Tokenizer.from_bundle(bundle)
         self.backend_name = backend_name
+        self.choice = choice  # the backends.Choice that opened them (engine, precision, why); None: the caller did
+        self.precision = choice.precision if choice else bundle.unets[0].precision  # the Unets'
         self.max_batch = bundle.max_batch
         self.num_unets = len(bundle.unets)
         namespaces = {backend_namespace(backends[stage.name]) for stage in bundle.unets}
@@ -63,18 +68,21 @@ class Pipeline:
         self.closed = False
 
     @classmethod
-    def load(cls, path=None, backend: str = "auto", providers=None, threads: int | None = None) -> "Pipeline":
-        """Verifies the bundle at `path` (the built-in demo bundle when None), then opens one
-        backend per stage (`open_backends`: "auto", "onnxruntime" or "tensorrt")."""
-        check_backend_options(backend, threads)
+    def load(
+        cls, path=None, backend: str = "auto", providers=None, threads: int | None = None, precision: str = "fp32"
+    ) -> "Pipeline":
+        """Verifies the bundle at `path` (the built-in demo bundle when None), then opens one backend per
+        stage (`open_engines`: "auto", "onnxruntime", "tensorrt" or "openvino"; `precision` "fp32", the
+        exact path, "bf16" or "auto": OpenVINO's bf16 Unets where they pay, docs/cpu-backends.md)."""
+        check_backend_options(backend, threads, precision)
         if path is None:
             if not (DEMO_BUNDLE / MANIFEST).is_file():
                 raise BundleError("no built-in demo bundle in this install; pass --bundle PATH / Pipeline.load(path)")
             path = DEMO_BUNDLE
         bundle = load_bundle(path)
         tokenizer = Tokenizer.from_bundle(bundle)
-        backends, chosen = open_backends(bundle, backend, providers, threads)
-        return cls(bundle, backends, tokenizer, chosen)
+        backends, choice = open_engines(bundle, backend, providers, threads, precision)
+        return cls(bundle, backends, tokenizer, choice.backend, choice)
 
     def close(self) -> None:
         """Releases the engines (a backend's own `close`, where it has one, frees its device memory;
@@ -97,7 +105,7 @@ class Pipeline:
         self, *, steps=None, sampler=None, guidance_scale=None, eta=0.0, sr_strength=None, seed=None
     ) -> Settings:
         """The bundle's default settings with these values (None: the default), checked."""
-        return self.bundle.default_settings.replace(
+        settings = self.bundle.default_settings.replace(
             self.bundle.timesteps,
             steps=steps,
             sampler=sampler,
@@ -106,21 +114,30 @@ class Pipeline:
             sr_strength=sr_strength,
             seed=seed,
         )
+        check_settings_fit(self.bundle.manifest, settings)
+        return settings
 
     def timesteps(self, settings: Settings) -> list[list[int]]:
-        """The timesteps each Unet walks (a super-resolution Unet keeps the last sr_strength share)."""
+        """The timesteps each Unet walks (a super-resolution Unet keeps the last sr_strength share; a
+        stage sampled from a per-step table walks its rows, in order)."""
         out = []
-        for index, (stage, total, steps) in enumerate(
-            zip(self.bundle.unets, self.bundle.timesteps, settings.steps, strict=True)
-        ):
-            sampling = stage.how_sampled
-            strength = settings.sr_strength if index > 0 else 1.0
-            out.append(spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset))
+        for index, (stage, total, steps) in enumerate(zip(self.bundle.unets, self.bundle.timesteps, settings.steps)):
+            sampling, strength = stage.how_sampled, settings.sr_strength if index > 0 else 1.0
+            spaced = spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset)
+            out.append(spaced if sampling.steps is None else list(range(sampling.steps)))
         return out
 
+    @property
+    def warmup_steps(self) -> tuple[int, ...]:
+        """The fewest steps per Unet a request may take (a warm-up's): 1, or all of a stage's per-step
+        table, whose steps are fixed (imagen-pytorch's stages)."""
+        return tuple(1 if stage.how_sampled.steps is None else stage.how_sampled.steps for stage in self.bundle.unets)
+
     def model_calls(self, settings: Settings) -> list[int]:
-        """Unet calls per stage for these settings (what a progress bar counts to)."""
-        return [len(timesteps) for timesteps in self.timesteps(settings)]
+        """Unet calls per stage for these settings (what a progress bar counts to). Heun's method calls
+        the Unet twice a step, but once on the last (to sigma 0)."""
+        pairs = zip(self.bundle.unets, self.timesteps(settings), strict=True)
+        return [2 * len(t) - 1 if stage.how_sampled.time == "karras" else len(t) for stage, t in pairs]
 
     def _prompts(self, prompts, num_images: int, count_name: str = "num_images_per_prompt") -> list[str]:
         if isinstance(prompts, str):
@@ -364,36 +381,52 @@ class Pipeline:
         x = upsampled = None
         for index, (stage, timesteps) in enumerate(zip(self.bundle.unets, self.timesteps(settings), strict=True)):
             stage_start = time.perf_counter()
-            size, schedule = manifest.image_sizes[index], self.bundle.schedules[stage.name]
-            sampling = stage.how_sampled
+            size, sampling = manifest.image_sizes[index], stage.how_sampled
             shape, lowres, drawn = (batch, manifest.channels, size, size), {}, None
-            if index > 0:
-                if sampling.draw_order == "image_first":
-                    drawn = noise(shape)
-                upsampled = resize_image(x, size, align_corners=sampling.resize == "bilinear_align_corners")
-                timings["resize"] += time.perf_counter() - stage_start
-                lowres = self._lowres_inputs(upsampled, noise, float(defaults.lowres_sample_noise_level))
-            percentile = sampling.threshold_percentile or float(defaults.dynamic_thresholding_percentile)
-            denoise = GuidedDenoiser(
-                self.backends[stage.name],
-                schedule,
-                text_embeds,
-                text_mask,
-                guidance_scale=settings.guidance(index),
-                percentile=percentile,
-                name=stage.name,
-                uncond_embeds=uncond_embeds,
-                threshold_kind=sampling.threshold,
-                threshold_max=sampling.threshold_max,
-                **lowres,
-            )
-            x = noise(shape) if drawn is None else drawn
-            if index > 0 and settings.sr_strength < 1:
-                x = schedule.q_sample(upsampled, timesteps[0], x)
             step_callback = None if callback is None else (lambda i, t, x, index=index: callback(index, i, t, x))
-            x = run_sampler(
-                settings.sampler, denoise, x, schedule.alphas_cumprod, timesteps, noise, settings.eta, step_callback
-            )
+            percentile = sampling.threshold_percentile or float(defaults.dynamic_thresholding_percentile)
+            if sampling.time != "discrete":  # imagen-pytorch's: the stage's per-step table
+                x, denoise = sample_table_stage(
+                    self.backends[stage.name],
+                    sampling,
+                    x,
+                    shape,
+                    text_embeds,
+                    text_mask,
+                    noise,
+                    guidance_scale=settings.guidance(index),
+                    percentile=percentile,
+                    name=stage.name,
+                    callback=step_callback,
+                    timings=timings,
+                )
+            else:
+                schedule = self.bundle.schedules[stage.name]
+                if index > 0:
+                    if sampling.draw_order == "image_first":
+                        drawn = noise(shape)
+                    upsampled = resize_image(x, size, align_corners=sampling.resize == "bilinear_align_corners")
+                    timings["resize"] += time.perf_counter() - stage_start
+                    lowres = self._lowres_inputs(upsampled, noise, float(defaults.lowres_sample_noise_level))
+                denoise = GuidedDenoiser(
+                    self.backends[stage.name],
+                    schedule,
+                    text_embeds,
+                    text_mask,
+                    guidance_scale=settings.guidance(index),
+                    percentile=percentile,
+                    name=stage.name,
+                    uncond_embeds=uncond_embeds,
+                    threshold_kind=sampling.threshold,
+                    threshold_max=sampling.threshold_max,
+                    **lowres,
+                )
+                x = noise(shape) if drawn is None else drawn
+                if index > 0 and settings.sr_strength < 1:
+                    x = schedule.q_sample(upsampled, timesteps[0], x)
+                x = run_sampler(
+                    settings.sampler, denoise, x, schedule.alphas_cumprod, timesteps, noise, settings.eta, step_callback
+                )
             if not bool(xp.all(xp.isfinite(x))):
                 raise NonFiniteError(stage.name, denoise.calls - 1)
             x = xp.clip(x, -1.0, 1.0)

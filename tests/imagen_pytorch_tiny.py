@@ -13,10 +13,16 @@ process free of what imagen-pytorch needs offline:
   torchvision's PyPI build needs a CUDA torch, so beside the CPU torch the child puts a stand-in
   module in its place, once transformers, datasets, accelerate and kornia have found it absent.
 
+(The import itself is the exporter's, `imagen.export.imagen_pytorch_onnx.import_imagen_pytorch`.)
+
 The child then loads each file with imagen-pytorch's own `load_imagen_from_checkpoint` and writes what
 that makes of it to OUT/upstream_facts.json (`upstream_facts`), for the tests to hold this project's
 reader against. Run as a script, `python tests/imagen_pytorch_tiny.py OUT` writes OUT/imagen.pt,
 OUT/elucidated.pt and OUT/upstream_facts.json.
+
+A second child mode runs imagen-pytorch's own Unets on given inputs (`run_upstream_unets`): `python
+tests/imagen_pytorch_tiny.py --unet-outputs CHECKPOINT INPUTS.npz OUTPUTS.npz [...]`, for the tests to
+hold the exported ONNX files against.
 """
 
 import json
@@ -24,6 +30,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from imagen.export.imagen_pytorch_onnx import import_imagen_pytorch
 
 IMAGE_SIZES = (8, 16)
 EMBED_DIM = 32  # the text embeddings' width (a T5's d_model); the Unets' text_embed_dim
@@ -100,30 +110,6 @@ def write_t5_config_cache(hub_cache: Path) -> None:
 
 def offline_environment(hub_cache: Path) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def import_imagen_pytorch():
-    """imagen_pytorch, with a stand-in `torchvision.transforms` when torchvision cannot be imported.
-    Only for a process of its own (the child): the stand-in stays in sys.modules."""
-    import types
-
-    # what looks for torchvision when imported, imported first, so that each settles its absence
-    import accelerate  # noqa: F401
-    import datasets.utils.file_utils  # noqa: F401
-    import kornia.augmentation  # noqa: F401
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer  # noqa: F401
-
-    try:
-        import torchvision.transforms  # noqa: F401
-    except Exception:
-        transforms = types.ModuleType("torchvision.transforms")
-        transforms.ToPILImage = None  # imagen-pytorch calls it only for return_pil_images=True
-        torchvision = types.ModuleType("torchvision")
-        torchvision.transforms = transforms
-        sys.modules.update({"torchvision": torchvision, "torchvision.transforms": transforms})
-    import imagen_pytorch
-
-    return imagen_pytorch
 
 
 def _train_and_save(imagen_pytorch, config, out: Path) -> None:
@@ -258,5 +244,55 @@ def write_tiny_imagen_pytorch(root: str | Path, timeout: float = 300) -> tuple[P
     return root / "imagen.pt", root / "elucidated.pt", root / "upstream_facts.json"
 
 
+def upstream_unet_outputs(checkpoint: Path, inputs_path: Path, out: Path) -> None:
+    """In the child: imagen-pytorch's own Unets (`load_imagen_from_checkpoint`, EMA weights) on the inputs in
+    `inputs_path` (`{i}.{name}` for Unet i, named as `Unet.forward` names them; `text_keep` is ignored), every
+    row with its text kept (`cond_drop_prob=0`) and dropped (`cond_drop_prob=1`): `{i}.keep`, `{i}.drop` in
+    `out`. Unets without inputs are left out."""
+    import torch
+
+    imagen_pytorch = import_imagen_pytorch()
+    imagen = imagen_pytorch.load_imagen_from_checkpoint(str(checkpoint), load_ema_if_available=True).eval()
+    with np.load(inputs_path) as npz:
+        arrays = dict(npz)
+    outputs = {}
+    for index, unet in enumerate(imagen.unets):
+        feed = {key.split(".", 1)[1]: torch.from_numpy(v) for key, v in arrays.items() if key.startswith(f"{index}.")}
+        feed.pop("text_keep", None)
+        for label, cond_drop_prob in (("keep", 0.0), ("drop", 1.0)):
+            if feed:
+                with torch.no_grad():
+                    outputs[f"{index}.{label}"] = unet(**feed, cond_drop_prob=cond_drop_prob).numpy()
+    np.savez(out, **outputs)
+
+
+def run_upstream_unets(root: str | Path, runs: dict[Path, dict], timeout: float = 300) -> dict[Path, dict]:
+    """imagen-pytorch's Unet outputs (see `upstream_unet_outputs`) for each checkpoint of `runs` on its inputs
+    (`{i}.{name}` -> array), in one child process; returns checkpoint -> `{i}.keep`/`{i}.drop` -> array."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_t5_config_cache(root / "hub")
+    command, files = [sys.executable, __file__, "--unet-outputs"], {}
+    for number, (checkpoint, inputs) in enumerate(runs.items()):
+        files[checkpoint] = (root / f"inputs_{number}.npz", root / f"outputs_{number}.npz")
+        np.savez(files[checkpoint][0], **inputs)
+        command += [str(checkpoint), *map(str, files[checkpoint])]
+    done = subprocess.run(
+        command, env=offline_environment(root / "hub"), capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"running imagen-pytorch's Unets failed:\n{done.stdout}\n{done.stderr}")
+    results = {}
+    for checkpoint, (_, outputs) in files.items():
+        with np.load(outputs) as npz:
+            results[checkpoint] = dict(npz)
+    return results
+
+
 if __name__ == "__main__":
-    build_and_describe(Path(sys.argv[1]))
+    if sys.argv[1] == "--unet-outputs":
+        arguments = sys.argv[2:]
+        for start in range(0, len(arguments), 3):
+            upstream_unet_outputs(*map(Path, arguments[start : start + 3]))
+    else:
+        build_and_describe(Path(sys.argv[1]))

@@ -164,6 +164,7 @@ def test_the_suites_section_numbers_do_not_clash():
         "bench.cpu.train_ddp",
         "bench.cpu.batch",
         "bench.cpu.deepfloyd",
+        "bench.cpu.imagen_pytorch",
         "bench.serve_load",
     ],
 )

@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from imagen_pytorch_tiny import IMAGE_SIZES, MAX_TEXT_LEN, TRAIN_STEPS, missing_packages, write_tiny_imagen_pytorch
+from imagen_pytorch_tiny import IMAGE_SIZES, MAX_TEXT_LEN, TRAIN_STEPS, missing_packages
 
 from imagen.export import imagen_pytorch as reader
 from imagen.export.errors import ExportError
@@ -32,9 +32,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    imagen, elucidated, facts = write_tiny_imagen_pytorch(tmp_path_factory.mktemp("imagen_pytorch"))
-    return dict(imagen=imagen, elucidated=elucidated, facts=json.loads(facts.read_text()))
+def tiny(imagen_pytorch_files):
+    files = imagen_pytorch_files
+    return dict(imagen=files["imagen"], elucidated=files["elucidated"], facts=json.loads(files["facts"].read_text()))
 
 
 def plain(value):

@@ -30,7 +30,10 @@ has none), so hand-written text around it stays.
 
 Apart from the suite, `python -m bench.cpu.sampler_study` asks why a sampler loses adherence: it
 changes one factor at a time (thresholding, guidance, spacing, one stage's sampler), swapping a
-runtime function in for the factors that are not request settings.
+runtime function in for the factors that are not request settings. `python -m bench.cpu.precision`
+compares the CPU engines and precisions (docs/cpu-backends.md); `python -m bench.cpu.deepfloyd` and
+`python -m bench.cpu.imagen_pytorch` time the runtime against diffusers' and imagen-pytorch's own
+sampling on their tiny cascades.
 
 The sections use only the runtime's public API: `Pipeline.load`, `Pipeline.settings`,
 `Pipeline.bundle`, a request's `info[i]["timings"]`, and `imagen.runtime.bundle.load_bundle`.

@@ -99,7 +99,9 @@ class StageEntry:
             external_data=tuple(FileEntry.from_json(e, f"stage {name} external data {i}") for i, e in enumerate(extra)),
             image_size=json_field(entry, "image_size", int, f"{where}.", None),
             lowres_cond=json_field(entry, "lowres_cond", bool, f"{where}.", None),
-            sampling=None if entry.get("sampling") is None else SamplingEntry.from_json(name, entry["sampling"]),
+            sampling=None
+            if entry.get("sampling") is None
+            else SamplingEntry.from_json(name, entry["sampling"], lowres=name != unet_name(0)),
         )
 
     @property
@@ -304,7 +306,10 @@ class Manifest:
                     f"stage {name!r} is missing (a bundle with image_sizes {sizes} has stages {', '.join(names)})",
                 )
         schedules = json_object(data.get("schedules"), "schedules")
-        schedule_names = names[1:] + ([LOWRES] if len(sizes) > 1 else [])
+        stage_entries = {name: StageEntry.from_json(name, stages[name]) for name in names}
+        # a stage sampled from a per-step table (continuous time) has no discrete schedule
+        discrete = [name for name in names[1:] if stage_entries[name].how_sampled.time == "discrete"]
+        schedule_names = discrete + ([LOWRES] if any(name != unet_name(0) for name in discrete) else [])
         tensorrt = data.get("tensorrt")
         manifest = cls(
             channels=json_field(data, "channels", int, ""),
@@ -314,7 +319,7 @@ class Manifest:
             tokenizer=TokenizerEntry.from_json(data.get("tokenizer")),
             schedules={name: ScheduleEntry.from_json(name, schedules.get(name)) for name in schedule_names},
             defaults=Defaults.from_json(data.get("defaults")),
-            stages={name: StageEntry.from_json(name, stages[name]) for name in names},
+            stages=stage_entries,
             tensorrt=None if tensorrt is None else TensorRTEntry.from_json(tensorrt),
             producer=data.get("producer") if isinstance(data.get("producer"), dict) else None,
             source=Source.from_json(data.get("source")),

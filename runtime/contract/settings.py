@@ -15,7 +15,8 @@ import numpy as np
 from ..errors import ParameterError
 
 # the samplers a bundle may name as its default and a request may ask for (runtime/samplers.py runs them)
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler_a")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler_a")  # over a discrete schedule
+SAMPLER_NAMES += ("ddpm_continuous", "heun_edm")  # over a stage's per-step table (contract/sampling.py)
 
 MAX_SEED = 2**63
 

@@ -76,10 +76,17 @@ class StageSignature:
         }
 
     def sample_inputs(
-        self, batch: int, rng: np.random.Generator, *, vocab_size: int = 259, timesteps: int = 1000
+        self,
+        batch: int,
+        rng: np.random.Generator,
+        *,
+        vocab_size: int = 259,
+        timesteps: int = 1000,
+        time_range: tuple[float, float] | None = None,
     ) -> dict[str, np.ndarray]:
         """Random inputs of the right kind for parity checks and benchmarks: valid ids and
-        masks (one full-length row), integer times, half the rows with text."""
+        masks (one full-length row), integer times in [0, timesteps) (or, for a Unet fed a
+        continuous time such as a log-SNR, uniform in `time_range`), half the rows with text."""
         feeds: dict[str, np.ndarray] = {}
         lengths = None
         for spec in self.inputs:
@@ -93,6 +100,8 @@ class StageSignature:
                     feeds[spec.name] = np.where(mask, rng.integers(3, vocab_size, size=shape), 0).astype(np.int64)
                 else:
                     feeds[spec.name] = mask.astype(spec.dtype)
+            elif spec.name in ("time", "lowres_noise_times") and time_range is not None:
+                feeds[spec.name] = rng.uniform(*time_range, size=shape).astype(np.float32)
             elif spec.name in ("time", "lowres_noise_times"):
                 feeds[spec.name] = rng.integers(0, timesteps, size=shape).astype(np.float32)
             elif spec.name == "text_keep":
@@ -127,6 +136,8 @@ def unet_signature(
     *,
     null_text: bool = True,
     learned_variance: bool = False,
+    self_cond: bool = False,
+    prediction: str = "noise",
 ) -> StageSignature:
     """The Unet inputs, in the order of the reference Unet's forward. A Unet stage runs cond and
     uncond rows together (classifier-free guidance in one call), so its batch goes up to 2 * max_batch.
@@ -136,7 +147,11 @@ def unet_signature(
     without it the unconditional rows are a negative prompt's embeddings and the Unet reads every
     token (DeepFloyd IF). `learned_variance`: the Unet also outputs `variance_pred`, the learned
     interpolation in [-1, 1] between the posterior's log-variance and log beta (IF's
-    `learned_range`)."""
+    `learned_range`). `self_cond`: the Unet also takes `self_cond`, the previous step's data
+    prediction (zeros at the first step; imagen-pytorch's self-conditioning). `prediction`: what
+    the Unet outputs, which names its output `{prediction}_pred` (contract/sampling.py,
+    PREDICTIONS: `noise_pred`, `x_start_pred`, `v_pred`, or `edm_pred`, the raw output F of an
+    EDM-preconditioned Unet)."""
     image = (BATCH, channels, image_size, image_size)
     inputs = [
         TensorSpec("x", "float32", image),
@@ -145,12 +160,14 @@ def unet_signature(
     ]
     if null_text:
         inputs += [TensorSpec("text_mask", "bool", (BATCH, max_length)), TensorSpec("text_keep", "bool", (BATCH,))]
+    if self_cond:
+        inputs.append(TensorSpec("self_cond", "float32", image))
     if lowres_cond:
         inputs += [
             TensorSpec("lowres_cond_img", "float32", image),
             TensorSpec("lowres_noise_times", "float32", (BATCH,)),
         ]
-    outputs = [TensorSpec("noise_pred", "float32", image)]
+    outputs = [TensorSpec(f"{prediction}_pred", "float32", image)]
     if learned_variance:
         outputs.append(TensorSpec("variance_pred", "float32", image))
     return StageSignature(

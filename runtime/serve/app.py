@@ -87,9 +87,10 @@ class Service:
 
     async def _warm(self) -> None:
         """One short request through the batcher: 1 step per Unet on a full batch (it goes without waiting
-        out the window, and the sessions allocate the memory of the largest batch)."""
+        out the window, and the sessions allocate the memory of the largest batch); a stage whose steps
+        are fixed takes them all (`Pipeline.warmup_steps`)."""
         try:
-            request = engine.prepare(self.pipe, "warm-up", self.max_images, seed=0, steps=1)
+            request = engine.prepare(self.pipe, "warm-up", self.max_images, seed=0, steps=self.pipe.warmup_steps)
             await self.batcher.submit(request.key, request.images, request).future
         except Exception as error:  # noqa: BLE001 - reported by /readyz, which then never says ready
             self.failure = f"{type(error).__name__}: {error}"

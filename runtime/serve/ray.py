@@ -172,13 +172,15 @@ class ImagenDeployment:
 
         self.config = dataclasses.replace(config, api_key=os.environ.get(API_KEY_VARIABLE) or None)
         providers = PROVIDER_SETS[config.providers]
-        self.pipe = Pipeline.load(config.bundle, backend=config.backend, providers=providers, threads=config.threads)
+        self.pipe = Pipeline.load(config.bundle, config.backend, providers, config.threads, config.precision)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagen-engine")
         self.generate_batch.set_max_batch_size(self.pipe.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000)
         # the warm-up: a full batch at 1 step per Unet, so the sessions allocate the largest batch's memory
-        engine.run_batch(self.pipe, [engine.prepare(self.pipe, "warm-up", self.pipe.max_batch, seed=0, steps=1)])
+        engine.run_batch(
+            self.pipe, [engine.prepare(self.pipe, "warm-up", self.pipe.max_batch, seed=0, steps=self.pipe.warmup_steps)]
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="imagen-serve (Ray Serve)", docs_url=None, redoc_url=None)
