@@ -92,7 +92,7 @@ providers_option = click.option(
 
 # the Unets' precision (imagen-eval takes the same option; imagen-serve and the Ray app a `precision` field)
 precision_option = click.option(
-    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help=PRECISION_HELP
+    "--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help=PRECISION_HELP
 )
 
 

@@ -8,13 +8,16 @@ import click
 
 from imagen._cli import command, run_command
 from imagen._io import atomic_save
-from imagen.runtime.backends import BACKENDS
-from imagen.runtime.cli import precision_option
+from imagen.runtime.backends import BACKENDS, PRECISION_HELP, PRECISIONS
 from imagen.runtime.contract import SAMPLER_NAMES
 
 from .scenes import SPLITS
 
 PREFIX = ""  # imagen-eval's lines are `error: ...`
+
+precision_option = click.option(  # as imagen-run's
+    "--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help=PRECISION_HELP
+)
 
 
 @command("imagen-eval", PREFIX)

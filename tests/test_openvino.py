@@ -410,7 +410,7 @@ def test_command_lines_refuse_bad_precisions_in_one_line(tmp_path):
 def test_servers_take_precision_as_a_checked_field():
     from imagen.runtime.serve.config import RAY, ArgumentError, ServeConfig, parse_options
 
-    assert ServeConfig().precision == "auto"
+    assert ServeConfig().precision == "fp32"
     assert parse_options((ServeConfig,), {"precision": "fp32"}, RAY) == [{"precision": "fp32"}]
     with pytest.raises(ArgumentError, match="precision: must be one of auto, fp32, bf16, got 'half'"):
         parse_options((ServeConfig,), {"precision": "half"}, RAY)

@@ -313,3 +313,31 @@ def test_shipped_ray_serve_config_is_valid_and_builds():
     built = build_app(application.args)._bound_deployment
     assert built.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
     assert built._deployment_config.autoscaling_config.max_replicas == 8
+
+
+def test_the_ray_app_serves_an_imagen_pytorch_bundle(ray_port, imagen_pytorch_bundles):
+    """A second application over the tiny ElucidatedImagen bundle (its steps fixed by its table, so its
+    warm-up samples them all): its image equals the pipeline's own, and a request for other steps is a 400."""
+    from imagen_pytorch_tiny import missing_packages
+    from ray import serve
+
+    from imagen.runtime import Pipeline
+    from imagen.runtime.serve.ray import build_app
+
+    if missing_packages():
+        pytest.skip(f"imagen-pytorch 2.1.0 is not installed (missing: {missing_packages()})")
+    bundle = imagen_pytorch_bundles["elucidated"]
+    config = {**REPLICAS, "num_replicas": "1", "max_wait_ms": "0", "precision": "fp32", "bundle": str(bundle)}
+    serve.run(build_app(config), name="imagen-pytorch", route_prefix="/imagen-pytorch", blocking=False)
+    try:
+        status, _, body = call(ray_port, "POST", f"/imagen-pytorch{URL}", {"prompt": "a blue square", "seed": 4})
+        assert status == 200, body
+        (item,) = body["data"]
+        with Pipeline.load(bundle) as pipe:
+            np.testing.assert_array_equal(
+                np.asarray(decode_png(item["b64_json"])), pipe("a blue square", seed=4).array[0]
+            )
+        status, _, body = call(ray_port, "POST", f"/imagen-pytorch{URL}", {"prompt": "a", "seed": 4, "steps": 2})
+        assert status == 400 and body["error"]["param"] == "steps", body
+    finally:
+        serve.delete("imagen-pytorch")

@@ -260,8 +260,11 @@ def _tables():
     }
 
 
-@pytest.mark.parametrize("sampler", ["ddpm_continuous", "heun_edm"])
-def test_table_samplers_match_reference(sampler):
+@pytest.mark.parametrize(
+    "sampler,prediction",
+    [("ddpm_continuous", "noise"), ("ddpm_continuous", "x_start"), ("ddpm_continuous", "v"), ("heun_edm", "edm")],
+)
+def test_table_samplers_match_reference(sampler, prediction):
     """Both twins walk the same table with the same draws and the same toy Unet (x0 a smooth function of
     x, the step's scalars and the self-conditioning), step for step."""
     import torch
@@ -270,7 +273,6 @@ def test_table_samplers_match_reference(sampler):
     from imagen.runtime.continuous import TABLE_SAMPLERS, data_prediction
 
     table = _tables()[sampler]
-    prediction = "v" if sampler == "ddpm_continuous" else "edm"
     draws = np.random.default_rng(0).standard_normal((40, 2, 3, 8, 8), dtype=np.float32)
     sides = {}
     for side, xp in (("runtime", np), ("reference", torch)):

@@ -177,7 +177,14 @@ class SamplingEntry:
         )
 
     def to_json(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "table"}
+        # the fields of imagen-pytorch's stages are written only where they say something (format 2
+        # bundles written before them read the same)
+        later = {"time": "discrete", "guidance": "standard", "self_cond": False}
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "table" and not (f.name in later and getattr(self, f.name) == later[f.name])
+        }
         if self.table is not None:
             out["table"] = {
                 name: list(value) if isinstance(value, tuple) else value for name, value in self.table.items()

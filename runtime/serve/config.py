@@ -56,7 +56,7 @@ class ServeConfig:
 
     bundle: str | None = option(None, "Bundle folder (default: the built-in demo).")
     backend: str = option("auto", "Inference backend (as for imagen-run).", choices=tuple(BACKENDS))
-    precision: str = option("auto", PRECISION_HELP, choices=tuple(PRECISIONS))
+    precision: str = option("fp32", PRECISION_HELP, choices=tuple(PRECISIONS))
     providers: str = option(
         "cpu",
         "ONNX Runtime's execution providers: cuda and tensorrt need onnxruntime-gpu; auto takes the best installed.",
