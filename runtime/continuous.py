@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from .arrays import device, namespace
 from .errors import NonFiniteError
-from .guidance import _repeat_rows, apply_guidance, remove_parallel_guidance, threshold
+from .guidance import _repeat_rows, apply_guidance, lowres_rows, null_text_rows, remove_parallel_guidance, threshold
 from .images import resize_image, resize_nearest
 
 Array = object  # an array of any array API namespace
@@ -127,14 +127,8 @@ class TableDenoiser:
         self.copies = 1 if guidance_scale == 1 else 2
         self.rows = self.batch * self.copies
         self.output = f"{sampling.prediction}_pred"
-        self.conditioning = {
-            "text_embeds": _repeat_rows(text_embeds, self.copies),
-            "text_mask": _repeat_rows(text_mask, self.copies),
-            "text_keep": self.xp.arange(self.rows, device=self.device) < self.batch,
-        }
-        if lowres_cond_img is not None:
-            self.conditioning["lowres_cond_img"] = _repeat_rows(lowres_cond_img, self.copies)
-            self.conditioning["lowres_noise_times"] = _repeat_rows(lowres_noise_times, self.copies)
+        self.conditioning = null_text_rows(text_embeds, text_mask, self.copies)
+        self.conditioning.update(lowres_rows(lowres_cond_img, lowres_noise_times, self.copies))
         self.calls = 0
         self.engine_seconds = 0.0
 

@@ -89,6 +89,28 @@ def _repeat_rows(array, copies: int):
     return namespace(array).concat([array] * copies) if copies > 1 else array
 
 
+def null_text_rows(text_embeds, text_mask, copies: int) -> dict:
+    """The text feeds of a Unet with a learned null text: [cond; uncond] rows when `copies` is 2, the
+    uncond rows' text swapped for the null text by `text_keep`."""
+    xp = namespace(text_embeds)
+    rows = text_embeds.shape[0] * copies
+    return {
+        "text_embeds": _repeat_rows(text_embeds, copies),
+        "text_mask": _repeat_rows(text_mask, copies),
+        "text_keep": xp.arange(rows, device=device(text_embeds)) < text_embeds.shape[0],
+    }
+
+
+def lowres_rows(lowres_cond_img, lowres_noise_times, copies: int) -> dict:
+    """A super-resolution Unet's low-res feeds on the guidance rows (none for a base Unet)."""
+    if lowres_cond_img is None:
+        return {}
+    return {
+        "lowres_cond_img": _repeat_rows(lowres_cond_img, copies),
+        "lowres_noise_times": _repeat_rows(lowres_noise_times, copies),
+    }
+
+
 class GuidedDenoiser:
     """`denoise(x, t) -> x0` for one Unet: one Unet call on the guidance rows, guidance on the noise,
     x0 from the noise (DDPM eq. 15), then the stage's thresholding (dynamic by default).
@@ -135,14 +157,8 @@ class GuidedDenoiser:
             embeds = text_embeds if self.copies == 1 else self.xp.concat([uncond_embeds, text_embeds])
             self.conditioning = {"text_embeds": embeds}
         else:
-            self.conditioning = {
-                "text_embeds": _repeat_rows(text_embeds, self.copies),
-                "text_mask": _repeat_rows(text_mask, self.copies),
-                "text_keep": self.xp.arange(self.rows, device=self.device) < self.batch,
-            }
-        if lowres_cond_img is not None:
-            self.conditioning["lowres_cond_img"] = _repeat_rows(lowres_cond_img, self.copies)
-            self.conditioning["lowres_noise_times"] = _repeat_rows(lowres_noise_times, self.copies)
+            self.conditioning = null_text_rows(text_embeds, text_mask, self.copies)
+        self.conditioning.update(lowres_rows(lowres_cond_img, lowres_noise_times, self.copies))
         self.variance = None
         self.calls = 0
         self.engine_seconds = 0.0

@@ -123,8 +123,8 @@ class Pipeline:
         out = []
         for index, (stage, total, steps) in enumerate(zip(self.bundle.unets, self.bundle.timesteps, settings.steps)):
             sampling, strength = stage.how_sampled, settings.sr_strength if index > 0 else 1.0
-            spaced = spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset)
-            out.append(spaced if sampling.steps is None else list(range(sampling.steps)))
+            table = None if sampling.steps is None else list(range(sampling.steps))
+            out.append(table or spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset))
         return out
 
     @property
