@@ -68,6 +68,7 @@ def export_if_bundle(
     if options.stage2 is not None:
         stages.append(read_if_folder(options.stage2))
         check_if_cascade(*stages)
+    _check_steps(stages, options.steps)
     encoder_path = _text_encoder_path(stages[0], options.text_encoder)
 
     def write(staging: Path) -> Manifest:
@@ -85,8 +86,17 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError("--unets applies to MinImagen training directories; for IF, leave out --stage2 instead")
     if options.weights != "latest":
         raise ExportError(f"an IF folder holds one set of weights; drop --weights {options.weights}")
-    if options.steps is not None and options.steps > 1000:
-        raise ValueError(f"steps must be at most IF's 1000 trained timesteps, got {options.steps}")
+
+
+def _check_steps(stages: list[IFStage], steps: int | None) -> None:
+    """`--steps` replaces every stage's steps, so it must fit the stage with the fewest trained timesteps."""
+    for stage in stages:
+        trained = stage.schedule.num_train_timesteps
+        if steps is not None and steps > trained:
+            raise ExportError(
+                f"--steps {steps} is more than the {trained} timesteps {stage.folder} was trained with; "
+                f"pass --steps {trained} or fewer"
+            )
 
 
 def _text_encoder_path(stage_1: IFStage, text_encoder) -> Path:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,7 +274,20 @@ def test_export_errors_name_the_fix(tiny_if, tmp_path):
         export_bundle(tmp_path, tmp_path / "c", stage2=stage_2)  # not an IF folder
     with pytest.raises(ExportError, match="--unets"):
         export_bundle(stage_1, tmp_path / "d", unets=1)
+    with pytest.raises(ExportError, match="--steps 1000 or fewer"):
+        export_bundle(stage_1, tmp_path / "e", steps=1001)
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial-*"))
+
+
+def test_steps_capped_at_the_stage_own_trained_timesteps(tiny_if, tmp_path):
+    """`--steps` must fit the stage trained with the fewest timesteps, not IF's usual 1000."""
+    stage_1 = shutil.copytree(tiny_if[0], tmp_path / "IF-I")
+    config_file = stage_1 / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_train_timesteps": 100}))
+    with pytest.raises(ExportError, match=r"--steps 101 is more than the 100 timesteps .*pass --steps 100 or fewer"):
+        export_bundle(stage_1, tmp_path / "bundle", steps=101)
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_readme_if_commands_run_as_written(tiny_if, bundle, workdir):
