@@ -1,15 +1,14 @@
 """The OpenVINO backend and the CPU engine choice (runtime/backends/openvino.py, choice.py): OpenVINO
 FP32 against ONNX Runtime (1e-5), bf16 within the quality gate, typed feed errors, threads, the
-compiled-model cache and a damaged blob, the measured-choice cache and a damaged entry, `auto`'s
-rules with fake CPU flags and fake timings, TensorRT first on a GPU, `--precision fp32` bit for bit
-with the stored images, the info, PNG and /readyz fields, and the command lines' errors.
+compiled-model cache and a damaged blob, `--precision fp32` bit for bit with the stored images,
+`auto`'s mixed engines, the info, PNG and /readyz fields, and the command lines' errors. The choice
+rules themselves are in test_cpu_choice.py.
 
 Tests that run OpenVINO skip without it; bf16 ones skip on CPUs without native bf16. Every test
 keeps its caches in a temporary IMAGEN_CACHE_DIR."""
 
 import importlib.util
 import io
-import json
 import os
 from pathlib import Path
 
@@ -19,12 +18,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from imagen.runtime import Pipeline, load_bundle
-from imagen.runtime.backends import GATE, OnnxRuntimeBackend, choice, machine, open_engines
+from imagen.runtime.backends import GATE, OnnxRuntimeBackend, choice, machine
 from imagen.runtime.cli import main as run_cli
-from imagen.runtime.errors import BackendError, ParameterError, SignatureError
+from imagen.runtime.errors import BackendError, SignatureError
 from imagen.runtime.pipeline import DEMO_BUNDLE
 
-from bundles import make_bundle, with_engines
 from golden import CALLS, digest, machine_key, stored
 from threads import failures_in_threads
 
@@ -180,159 +178,6 @@ def test_openvino_cache_folder_is_per_machine_and_bundle_and_never_in_the_bundle
     assert DEMO_BUNDLE.resolve() not in folder.resolve().parents
 
 
-# --- the measured choice and its cache ----------------------------------------------------------
-
-
-def _fake_measure(calls: list, gate=(5e-3, 8e-3), onnxruntime=(10.0, 100.0), bf16=(6.0, 50.0)):
-    """A `measure` that records its calls and returns these errors and seconds (batch 2, batch 16) per Unet."""
-
-    def measure(bundle, threads):
-        calls.append(threads)
-        names = [stage.name for stage in bundle.unets]
-        row = {"batch": [2, 16], "onnxruntime": list(onnxruntime), "openvino_bf16": list(bf16)}
-        entry = choice.entry_key(bundle, threads)
-        return {**entry, "gate": dict(zip(names, gate)), "timings": {name: dict(row) for name in names}}
-
-    return measure
-
-
-@pytest.fixture
-def fake_cache(monkeypatch, tmp_path):
-    """A cache folder of this test's own (fake measurements must not reach the other tests), and a
-    fixed OpenVINO version (none need be installed)."""
-    monkeypatch.setenv(machine.CACHE_VARIABLE, str(tmp_path / "cache"))
-    monkeypatch.setattr(choice, "openvino_version", lambda: "2026.4.1")
-    return tmp_path / "cache"
-
-
-def _entry_path(cache_root, bundle, threads):
-    return cache_root / "choice" / machine.machine_key() / f"{bundle.short_sha}-t{threads}.json"
-
-
-def test_measurements_are_cached_and_a_damaged_or_stale_entry_is_measured_again(demo, fake_cache):
-    calls = []
-    measure = _fake_measure(calls)
-    path = _entry_path(fake_cache, demo, 3)
-    assert choice.measured(demo, 3, measure)[1] == "measured now" and json.loads(path.read_text())["threads"] == 3
-    assert choice.measured(demo, 3, measure)[1] == "cached" and calls == [3]
-    for damage in (b"{not json", b"", json.dumps({"format": 1}).encode(), path.read_bytes()[:40]):
-        path.write_bytes(damage)
-        entry, when = choice.measured(demo, 3, measure)
-        assert when == "measured now" and entry["gate"] == {"unet_0": 5e-3, "unet_1": 8e-3}
-        assert choice.read_entry(path, choice.entry_key(demo, 3), ["unet_0", "unet_1"]) == entry  # rewritten whole
-    stale = json.loads(path.read_text())
-    stale["versions"]["openvino"] = "2020.1"
-    path.write_text(json.dumps(stale))
-    assert choice.measured(demo, 3, measure)[1] == "measured now" and len(calls) == 6
-    assert not list(path.parent.glob(".*.tmp"))  # written under a temporary name, then renamed
-
-
-def test_an_unwritable_cache_folder_means_measuring_each_time(demo, tmp_path, monkeypatch, fake_cache):
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a folder")
-    monkeypatch.setenv(machine.CACHE_VARIABLE, str(blocked))
-    calls = []
-    for _ in range(2):
-        assert choice.measured(demo, 2, _fake_measure(calls))[1] == "measured now"
-    assert len(calls) == 2
-
-
-def test_decide_weights_each_unet_by_its_calls_and_asks_for_both_batches():
-    entry = {
-        "gate": {"unet_0": 1e-2, "unet_1": 2e-2},
-        "timings": {
-            "unet_0": {"batch": [2, 16], "onnxruntime": [10.0, 80.0], "openvino_bf16": [5.0, 40.0]},
-            "unet_1": {"batch": [2, 16], "onnxruntime": [10.0, 80.0], "openvino_bf16": [30.0, 60.0]},
-        },
-    }
-    faster, why = choice.decide(entry, {"unet_0": 20, "unet_1": 5})  # batch 2: 250 vs 250; 16: 2000 vs 1100
-    assert faster and "1.00x at batch 2" in why and "1.82x at batch 16" in why
-    assert not choice.decide(entry, {"unet_0": 20, "unet_1": 6})[0]  # slower at batch 2
-    entry["gate"]["unet_1"] = 3.1e-2
-    faster, why = choice.decide(entry, {"unet_0": 20, "unet_1": 5})
-    assert not faster and "unet_1 relative error 3.1e-02 > 3e-02" in why
-    assert choice.default_calls(load_bundle(DEMO_BUNDLE)) == {"unet_0": 20, "unet_1": 5}  # ddpm 20, sr 0.25
-
-
-@pytest.mark.parametrize(
-    "flags,backend,precision,timings,gate,expected,fragment",
-    [
-        ({"avx2", "fma"}, "auto", "auto", None, None, ("onnxruntime", "fp32"), "no native bf16"),
-        ({"avx2", "avx512f"}, "openvino", "auto", None, None, ("openvino", "fp32"), "no native bf16"),
-        ({"avx512_bf16"}, "auto", "fp32", None, None, ("onnxruntime", "fp32"), "the exact path"),
-        ({"avx512_bf16"}, "onnxruntime", "auto", None, None, ("onnxruntime", "fp32"), "asked for"),
-        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (5e-3, 8e-3), ("openvino", "bf16"), "1.67x at batch 2"),
-        ({"amx_bf16"}, "auto", "auto", (10.0, 12.0), (5e-3, 8e-3), ("onnxruntime", "fp32"), "was not faster"),
-        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (5e-3, 4e-2), ("onnxruntime", "fp32"), "quality gate"),
-        ({"avx512_bf16"}, "openvino", "auto", (10.0, 12.0), (5e-3, 8e-3), ("openvino", "bf16"), "gate 8.0e-03"),
-        ({"avx512_bf16"}, "openvino", "auto", (10.0, 6.0), (5e-3, 4e-2), ("openvino", "fp32"), "gate 4.0e-02"),
-        ({"avx512_bf16"}, "auto", "bf16", (10.0, 12.0), (5e-3, 4e-2), ("openvino", "bf16"), "--precision bf16"),
-    ],
-)
-def test_auto_rules_with_fake_cpu_flags_and_timings(
-    demo, monkeypatch, fake_cache, flags, backend, precision, timings, gate, expected, fragment
-):
-    """What each CPU and measurement leads to; no OpenVINO model is compiled (the measurement is
-    faked, and a CPU without native bf16 must never be measured)."""
-    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
-    if timings is None:
-        measure = lambda *args: pytest.fail("measured")  # noqa: E731
-    else:
-        slow, fast = timings
-        measure = _fake_measure([], gate, onnxruntime=(slow, 10 * slow), bf16=(fast, 10 * fast))
-    made = choice.choose_cpu(demo, backend, precision, 2, measure=measure)
-    print(made.reason)
-    assert (made.backend, made.precision) == expected and fragment in made.reason
-    assert made.reason.startswith(f"{made.backend} {made.precision} (") and "\n" not in made.reason
-    assert (made.gate is None) == (timings is None)
-
-
-def test_bf16_is_refused_where_it_cannot_run_with_the_fix(demo, monkeypatch):
-    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
-    for backend in ("auto", "openvino"):
-        with pytest.raises(BackendError, match=r"no native bf16.*use --precision fp32 or auto"):
-            choice.choose_cpu(demo, backend, "bf16", 2)
-    for backend in ("onnxruntime", "tensorrt"):
-        with pytest.raises(ParameterError, match=f"precision must be fp32 or auto with --backend {backend}"):
-            Pipeline.load(backend=backend, precision="bf16")
-    with pytest.raises(ParameterError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
-        Pipeline.load(precision="fp16")
-    with pytest.raises(ParameterError, match="with --providers"):
-        choice.choose_cpu(demo, "auto", "bf16", 2, providers=["CPUExecutionProvider"])
-    with pytest.raises(ParameterError, match="providers must be cpu with --backend openvino"):
-        choice.choose_cpu(demo, "openvino", "fp32", 2, providers="auto")
-
-
-def test_without_openvino_auto_is_onnxruntime_and_asking_for_it_names_the_install(demo, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
-    made = choice.choose_cpu(demo, "auto", "auto", 2)
-    assert (made.backend, made.precision) == ("onnxruntime", "fp32") and "not installed" in made.reason
-    for backend, precision in (("openvino", "fp32"), ("auto", "bf16")):
-        with pytest.raises(BackendError, match=r"OpenVINO is not installed.*pip install 'imagen-cascade\[openvino\]'"):
-            choice.choose_cpu(demo, backend, precision, 2)
-
-
-def test_tensorrt_stays_first_on_a_gpu_whatever_the_cpu(tmp_path, monkeypatch):
-    from imagen.runtime import backends
-    from imagen.runtime.backends import cuda, tensorrt
-
-    root = with_engines(make_bundle(tmp_path / "bundle"))
-    monkeypatch.setattr(cuda, "tensorrt_environment", lambda: (None, None, "9.0", "10.3.0"))
-    monkeypatch.setattr(tensorrt, "TensorRTBackend", lambda *args, **kwargs: object())
-    monkeypatch.setattr(backends, "choose_cpu", lambda *args, **kwargs: pytest.fail("the CPU choice was asked"))
-    backends, made = open_engines(load_bundle(root), "auto", precision="auto")
-    assert (made.backend, made.precision) == ("tensorrt", "fp32") and set(backends) == {
-        "text_encoder",
-        "unet_0",
-        "unet_1",
-    }
-    assert made.reason == "tensorrt fp32 (the bundle's engines match this GPU)"
-
-
 # --- the pipeline, the command lines and the servers ----------------------------------------------
 
 
@@ -387,6 +232,38 @@ def test_bf16_pipeline_reports_its_gate_and_stays_near_fp32():
     difference = np.abs(result.array.astype(np.int16) - reference.array.astype(np.int16))
     print(f"bf16 vs FP32 uint8: mean {difference.mean():.2f}, max {difference.max()} (gate {gate['rel_error']})")
     assert difference.mean() <= 4 and result.info[0]["precision"] == "bf16"
+
+
+MIXED = ("onnxruntime/openvino", "fp32/bf16")
+
+
+@needs_bf16
+def test_auto_runs_the_base_unet_exact_and_the_super_resolution_unet_in_bf16(monkeypatch):
+    """precision auto where bf16 is measured faster: the text encoder and base Unet on ONNX Runtime
+    FP32 (their outputs as the exact pipeline's, bit for bit), the super-resolution Unet on OpenVINO
+    bf16; the info and the PNG say so, one per Unet."""
+    from imagen.runtime import encode_png
+    from imagen.runtime.backends import OpenVINOBackend
+
+    faster = (True, "measured faster (forced by the test)")
+    monkeypatch.setattr(choice, "decide", lambda entry, calls, candidates: faster)
+    pipe = Pipeline.load(precision="auto", threads=2)
+    exact = Pipeline.load(threads=2)
+    assert (pipe.backend_name, pipe.precision) == MIXED and pipe.choice.gate["bf16_unets"] == ["unet_1"]
+    assert isinstance(pipe.backends["unet_1"], OpenVINOBackend)
+    for name in ("text_encoder", "unet_0"):
+        assert isinstance(pipe.backends[name], OnnxRuntimeBackend)
+        feeds = _feeds(pipe.bundle, name, 2)
+        output = pipe.bundle.stages[name].signature.output_names[0]
+        np.testing.assert_array_equal(pipe.backends[name].run(feeds)[output], exact.backends[name].run(feeds)[output])
+    result = pipe(PROMPTS, seed=7, steps=[8, 4])
+    assert [(i["backend"], i["precision"]) for i in result.info] == [MIXED] * 2
+    text = Image.open(io.BytesIO(encode_png(result.array[0], result.info[0]))).text
+    assert (text["backend"], text["precision"]) == MIXED
+    reference = exact(PROMPTS, seed=7, steps=[8, 4])
+    difference = np.abs(result.array.astype(np.int16) - reference.array.astype(np.int16))
+    print(f"fp32/bf16 vs FP32 uint8: mean {difference.mean():.2f}, max {difference.max()}")
+    assert 0 < difference.mean() <= 4
 
 
 def test_command_lines_refuse_bad_precisions_in_one_line(tmp_path):

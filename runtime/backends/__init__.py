@@ -136,10 +136,10 @@ def open_engines(
     backend: "onnxruntime"; "tensorrt" (the bundle's engines, on an NVIDIA GPU); "openvino" (OpenVINO
     on the CPU); "auto": TensorRT when the bundle has engines usable here, else the CPU engine
     choice.py picks for `precision`. precision: "fp32" (auto: ONNX Runtime, today's images), "bf16"
-    (OpenVINO's bf16 Unets) or "auto" (bf16 where the CPU has it natively, the Unets pass the quality
-    gate and, for backend auto, it was measured faster). providers: onnxruntime execution providers
-    (None: CPU; "auto": CUDA/TensorRT providers when installed). A failure closes what was opened
-    before it."""
+    (OpenVINO's bf16 Unets) or "auto" (the super-resolution Unets in bf16 where the CPU has it
+    natively, they pass the quality gate and, for backend auto, it was measured faster). providers:
+    onnxruntime execution providers (None: CPU; "auto": CUDA/TensorRT providers when installed). A
+    failure closes what was opened before it."""
     check_backend_options(backend, threads, precision)
     chosen = "onnxruntime"
     if backend == "tensorrt" or (backend == "auto" and precision != "bf16"):
@@ -150,32 +150,35 @@ def open_engines(
         choice = Choice("tensorrt", unets, f"tensorrt {unets} ({why})")
     else:
         choice = choose_cpu(bundle, backend, precision, threads, providers)
-    cache = None  # the TensorRT execution provider's engine folder, made only when that provider is asked for
-    if choice.backend == "onnxruntime":
+    caches = {}  # per engine: TensorRT's execution-provider engine folder (only when asked for), OpenVINO's blobs
+    if "onnxruntime" in choice.engines:
         check_providers(providers)
         if TENSORRT_PROVIDER in onnxruntime_providers(providers):
-            cache = tensorrt_cache_dir(bundle.root)
-    elif choice.backend == "openvino":
+            caches["onnxruntime"] = tensorrt_cache_dir(bundle.root)
+    if "openvino" in choice.engines:
         from .openvino import openvino_cache_dir
 
-        cache = openvino_cache_dir(bundle.root)
+        caches["openvino"] = openvino_cache_dir(bundle.root)
+    unets = {stage.name: index for index, stage in enumerate(bundle.unets)}
     backends = {}
     try:
         for name, stage in bundle.stages.items():
-            backends[name] = _open(bundle, choice, name, stage, providers, threads, cache)
+            # the text encoder in FP32 on the base Unet's engine, each Unet as chosen
+            engine, precision = choice.engine(unets.get(name, 0))
+            precision = "fp32" if name == TEXT_ENCODER else precision
+            backends[name] = _open(bundle, engine, precision, name, stage, providers, threads, caches.get(engine))
     except BaseException:
         close_backends(backends)
         raise
     return backends, choice
 
 
-def _open(bundle: Bundle, choice: Choice, name: str, stage, providers, threads, cache):
-    if choice.backend == "openvino":  # the text encoder in FP32, the Unets in the chosen precision
+def _open(bundle: Bundle, engine: str, precision: str, name: str, stage, providers, threads, cache):
+    if engine == "openvino":
         from .openvino import OpenVINOBackend
 
-        precision = "fp32" if name == TEXT_ENCODER else choice.precision
         return OpenVINOBackend(bundle.path(stage.file), stage.signature, precision, threads, cache_dir=cache)
-    if choice.backend == "onnxruntime":
+    if engine == "onnxruntime":
         path = bundle.path(stage.file)
         return OnnxRuntimeBackend(
             path, stage.signature, providers, threads, tensorrt_cache=cache, precision=stage.precision

@@ -1,0 +1,215 @@
+"""`--backend auto` and `--precision` on the CPU (runtime/backends/choice.py): the measured-choice
+cache and a damaged or stale entry, `decide`'s weights and candidates, `auto`'s rules with fake CPU
+flags and fake timings (only super-resolution Unets in bf16), bf16 refused where it cannot run, no
+OpenVINO, and TensorRT first on a GPU. No OpenVINO model is compiled here: the measurement is faked.
+Every test keeps its caches in a temporary IMAGEN_CACHE_DIR."""
+
+import json
+import os
+
+import pytest
+
+from imagen.runtime import Pipeline, load_bundle
+from imagen.runtime.backends import choice, machine, open_engines
+from imagen.runtime.errors import BackendError, ParameterError
+from imagen.runtime.pipeline import DEMO_BUNDLE
+
+from bundles import make_bundle, with_engines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    """A fresh per-user cache folder for this module (nothing is written under ~/.cache)."""
+    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get(machine.CACHE_VARIABLE)
+    os.environ[machine.CACHE_VARIABLE] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(machine.CACHE_VARIABLE, None)
+    else:
+        os.environ[machine.CACHE_VARIABLE] = before
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_bundle(DEMO_BUNDLE)
+
+
+# --- the measured choice and its cache ----------------------------------------------------------
+
+
+def _fake_measure(calls: list, gate=(5e-3, 8e-3), onnxruntime=(10.0, 100.0), bf16=(6.0, 50.0)):
+    """A `measure` that records its calls and returns these errors and seconds (batch 2, batch 16) per Unet."""
+
+    def measure(bundle, threads):
+        calls.append(threads)
+        names = [stage.name for stage in bundle.unets]
+        row = {"batch": [2, 16], "onnxruntime": list(onnxruntime), "openvino_bf16": list(bf16)}
+        entry = choice.entry_key(bundle, threads)
+        return {**entry, "gate": dict(zip(names, gate)), "timings": {name: dict(row) for name in names}}
+
+    return measure
+
+
+@pytest.fixture
+def fake_cache(monkeypatch, tmp_path):
+    """A cache folder of this test's own (fake measurements must not reach the other tests), and a
+    fixed OpenVINO version (none need be installed)."""
+    monkeypatch.setenv(machine.CACHE_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setattr(choice, "openvino_version", lambda: "2026.4.1")
+    return tmp_path / "cache"
+
+
+def _entry_path(cache_root, bundle, threads):
+    return cache_root / "choice" / machine.machine_key() / f"{bundle.short_sha}-t{threads}.json"
+
+
+def test_measurements_are_cached_and_a_damaged_or_stale_entry_is_measured_again(demo, fake_cache):
+    calls = []
+    measure = _fake_measure(calls)
+    path = _entry_path(fake_cache, demo, 3)
+    assert choice.measured(demo, 3, measure)[1] == "measured now" and json.loads(path.read_text())["threads"] == 3
+    assert choice.measured(demo, 3, measure)[1] == "cached" and calls == [3]
+    for damage in (b"{not json", b"", json.dumps({"format": 1}).encode(), path.read_bytes()[:40]):
+        path.write_bytes(damage)
+        entry, when = choice.measured(demo, 3, measure)
+        assert when == "measured now" and entry["gate"] == {"unet_0": 5e-3, "unet_1": 8e-3}
+        assert choice.read_entry(path, choice.entry_key(demo, 3), ["unet_0", "unet_1"]) == entry  # rewritten whole
+    stale = json.loads(path.read_text())
+    stale["versions"]["openvino"] = "2020.1"
+    path.write_text(json.dumps(stale))
+    assert choice.measured(demo, 3, measure)[1] == "measured now" and len(calls) == 6
+    assert not list(path.parent.glob(".*.tmp"))  # written under a temporary name, then renamed
+
+
+def test_an_unwritable_cache_folder_means_measuring_each_time(demo, tmp_path, monkeypatch, fake_cache):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(machine.CACHE_VARIABLE, str(blocked))
+    calls = []
+    for _ in range(2):
+        assert choice.measured(demo, 2, _fake_measure(calls))[1] == "measured now"
+    assert len(calls) == 2
+
+
+def test_decide_weights_each_unet_by_its_calls_and_asks_for_both_batches():
+    """Only the candidates (the super-resolution Unets) switch to bf16 and only their gate counts; the
+    speed-up is the Unets' time as a whole, the base Unet on ONNX Runtime either way."""
+    entry = {
+        "gate": {"unet_0": 5e-2, "unet_1": 2e-2},
+        "timings": {
+            "unet_0": {"batch": [2, 16], "onnxruntime": [10.0, 80.0], "openvino_bf16": [5.0, 40.0]},
+            "unet_1": {"batch": [2, 16], "onnxruntime": [40.0, 400.0], "openvino_bf16": [40.0, 200.0]},
+        },
+    }
+    faster, why = choice.decide(entry, {"unet_0": 20, "unet_1": 5}, ["unet_1"])  # 2: 400 vs 400; 16: 3600 vs 2600
+    assert faster and "1.00x at batch 2" in why and "1.38x at batch 16" in why
+    entry["timings"]["unet_1"]["openvino_bf16"][0] = 41.0
+    assert not choice.decide(entry, {"unet_0": 20, "unet_1": 5}, ["unet_1"])[0]  # slower at batch 2
+    entry["gate"]["unet_1"] = 3.1e-2
+    faster, why = choice.decide(entry, {"unet_0": 20, "unet_1": 5}, ["unet_1"])
+    assert not faster and "unet_1 relative error 3.1e-02 > 3e-02" in why
+    faster, why = choice.decide(entry, {"unet_0": 20}, [])
+    assert not faster and "no super-resolution Unet" in why
+    assert choice.default_calls(load_bundle(DEMO_BUNDLE)) == {"unet_0": 20, "unet_1": 5}  # ddpm 20, sr 0.25
+    assert choice.bf16_unets(load_bundle(DEMO_BUNDLE)) == ["unet_1"]
+
+
+MIXED = ("onnxruntime/openvino", "fp32/bf16")
+
+
+@pytest.mark.parametrize(
+    "flags,backend,precision,timings,gate,expected,fragment",
+    [
+        ({"avx2", "fma"}, "auto", "auto", None, None, ("onnxruntime", "fp32"), "no native bf16"),
+        ({"avx2", "avx512f"}, "openvino", "auto", None, None, ("openvino", "fp32"), "no native bf16"),
+        ({"avx512_bf16"}, "auto", "fp32", None, None, ("onnxruntime", "fp32"), "the exact path"),
+        ({"avx512_bf16"}, "onnxruntime", "auto", None, None, ("onnxruntime", "fp32"), "asked for"),
+        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (5e-3, 8e-3), MIXED, "1.09x at batch 2"),
+        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (4e-2, 8e-3), MIXED, "gate 8.0e-03"),  # base not gated
+        ({"amx_bf16"}, "auto", "auto", (10.0, 12.0), (5e-3, 8e-3), ("onnxruntime", "fp32"), "were not faster"),
+        ({"avx512_bf16"}, "auto", "auto", (10.0, 6.0), (5e-3, 4e-2), ("onnxruntime", "fp32"), "quality gate"),
+        ({"avx512_bf16"}, "openvino", "auto", (10.0, 12.0), (5e-3, 8e-3), ("openvino", "fp32/bf16"), "unet_1 8.0e-03"),
+        ({"avx512_bf16"}, "openvino", "auto", (10.0, 6.0), (5e-3, 4e-2), ("openvino", "fp32"), "unet_1 4.0e-02"),
+        ({"avx512_bf16"}, "auto", "bf16", (10.0, 12.0), (5e-3, 4e-2), ("openvino", "bf16"), "--precision bf16"),
+    ],
+)
+def test_auto_rules_with_fake_cpu_flags_and_timings(
+    demo, monkeypatch, fake_cache, flags, backend, precision, timings, gate, expected, fragment
+):
+    """What each CPU and measurement leads to; no OpenVINO model is compiled (the measurement is
+    faked, and a CPU without native bf16 must never be measured). Under auto only the
+    super-resolution Unet may run bf16 (the demo's unet_1: 5 calls against the base Unet's 20)."""
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
+    if timings is None:
+        measure = lambda *args: pytest.fail("measured")  # noqa: E731
+    else:
+        slow, fast = timings
+        measure = _fake_measure([], gate, onnxruntime=(slow, 10 * slow), bf16=(fast, 10 * fast))
+    made = choice.choose_cpu(demo, backend, precision, 2, measure=measure)
+    print(made.reason)
+    assert (made.backend, made.precision) == expected and fragment in made.reason
+    assert made.reason.startswith(f"{made.backend} {made.precision} (") and "\n" not in made.reason
+    assert (made.gate is None) == (timings is None)
+    per_unet = [made.engine(index) for index in range(2)]
+    if "/" in made.precision:
+        assert per_unet == [(expected[0].split("/")[0], "fp32"), ("openvino", "bf16")]
+    else:
+        assert per_unet == [expected] * 2
+
+
+def test_auto_keeps_a_cascade_without_super_resolution_unets_fp32_without_measuring(demo, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
+    base_only = SimpleNamespace(unets=demo.unets[:1])
+    for backend, expected in (("auto", "onnxruntime"), ("openvino", "openvino")):
+        made = choice.choose_cpu(base_only, backend, "auto", 2, measure=lambda *args: pytest.fail("measured"))
+        assert (made.backend, made.precision, made.gate) == (expected, "fp32", None)
+        assert "no super-resolution Unet" in made.reason
+
+
+def test_bf16_is_refused_where_it_cannot_run_with_the_fix(demo, monkeypatch):
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(choice, "openvino_installed", lambda: True)
+    for backend in ("auto", "openvino"):
+        with pytest.raises(BackendError, match=r"no native bf16.*use --precision fp32 or auto"):
+            choice.choose_cpu(demo, backend, "bf16", 2)
+    for backend in ("onnxruntime", "tensorrt"):
+        with pytest.raises(ParameterError, match=f"precision must be fp32 or auto with --backend {backend}"):
+            Pipeline.load(backend=backend, precision="bf16")
+    with pytest.raises(ParameterError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        Pipeline.load(precision="fp16")
+    with pytest.raises(ParameterError, match="with --providers"):
+        choice.choose_cpu(demo, "auto", "bf16", 2, providers=["CPUExecutionProvider"])
+    with pytest.raises(ParameterError, match="providers must be cpu with --backend openvino"):
+        choice.choose_cpu(demo, "openvino", "fp32", 2, providers="auto")
+
+
+def test_without_openvino_auto_is_onnxruntime_and_asking_for_it_names_the_install(demo, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    made = choice.choose_cpu(demo, "auto", "auto", 2)
+    assert (made.backend, made.precision) == ("onnxruntime", "fp32") and "not installed" in made.reason
+    for backend, precision in (("openvino", "fp32"), ("auto", "bf16")):
+        with pytest.raises(BackendError, match=r"OpenVINO is not installed.*pip install 'imagen-cascade\[openvino\]'"):
+            choice.choose_cpu(demo, backend, precision, 2)
+
+
+def test_tensorrt_stays_first_on_a_gpu_whatever_the_cpu(tmp_path, monkeypatch):
+    from imagen.runtime import backends
+    from imagen.runtime.backends import cuda, tensorrt
+
+    root = with_engines(make_bundle(tmp_path / "bundle"))
+    monkeypatch.setattr(cuda, "tensorrt_environment", lambda: (None, None, "9.0", "10.3.0"))
+    monkeypatch.setattr(tensorrt, "TensorRTBackend", lambda *args, **kwargs: object())
+    monkeypatch.setattr(backends, "choose_cpu", lambda *args, **kwargs: pytest.fail("the CPU choice was asked"))
+    backends, made = open_engines(load_bundle(root), "auto", precision="auto")
+    assert (made.backend, made.precision) == ("tensorrt", "fp32") and set(backends) == {
+        "text_encoder",
+        "unet_0",
+        "unet_1",
+    }
+    assert made.reason == "tensorrt fp32 (the bundle's engines match this GPU)"
