@@ -165,6 +165,8 @@ def test_the_suites_section_numbers_do_not_clash():
         "bench.cpu.batch",
         "bench.cpu.deepfloyd",
         "bench.cpu.imagen_pytorch",
+        "bench.cpu.precision",
+        "bench.cpu.precision_quality",
         "bench.serve_load",
     ],
 )
@@ -183,6 +185,26 @@ def test_tests_import_bench_only_to_test_it():
         if any(line.lstrip().startswith(("import bench", "from bench")) for line in path.read_text().splitlines())
     )
     assert importing == ["test_bench.py", "test_bench_gpu.py"]
+
+
+def test_precision_quality_pairs_images_and_applies_the_gate():
+    """The paired comparison of the bf16 quality bench: rates, differences, discordant pairs,
+    McNemar's exact p and the gate (exact within 2 points, colour/shape/position within 3)."""
+    from bench.cpu.precision_quality import compare, mcnemar
+
+    def rows(exact: list[int], colour: list[int]) -> list[dict]:
+        return [{"exact": e, "colour": c, "shape": True, "position": True} for e, c in zip(exact, colour)]
+
+    reference = rows([1] * 90 + [0] * 10, [1] * 100)
+    worse = rows([1] * 86 + [0] * 4 + [1] * 2 + [0] * 8, [1] * 97 + [0] * 3)  # exact: 4 lost, 2 gained
+    result = compare(reference, worse)
+    assert result["n"] == 100 and result["exact"]["discordant"] == [4, 2]
+    assert math.isclose(result["exact"]["rate"], 88.0) and math.isclose(result["exact"]["difference"], -2.0)
+    assert result["exact"]["interval"][0] < -2.0 < result["exact"]["interval"][1]
+    assert math.isclose(result["exact"]["p"], 0.6875)  # 2 * P(X <= 2), X ~ Binomial(6, 1/2)
+    assert result["passed"]  # -2.0 exact and -3.0 colour: on both limits
+    assert not compare(reference, rows([1] * 87 + [0] * 13, [1] * 100))["passed"]  # -3 exact
+    assert mcnemar(0, 0) == 1.0 and math.isclose(mcnemar(0, 10), 2 / 1024)
 
 
 def test_load_generator_loads_only_this_machine_and_checks_every_png():

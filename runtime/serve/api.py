@@ -138,7 +138,8 @@ def timeout_error(timeout_s: float, was_queued: bool) -> ServeError:
 def ready_body(pipe) -> dict:
     """What /readyz answers (200) once the bundle is loaded and warmed: the bundle, the engine, the
     Unets' precision, why they were chosen (`engine`, one line) and bf16's quality gate where it was
-    measured (`quality_gate`: threshold, each Unet's relative error, passed; else null)."""
+    measured (`quality_gate`: threshold, each Unet's relative error, the Unets it applies to, passed;
+    else null)."""
     size, choice = output_size(pipe), getattr(pipe, "choice", None)
     return {
         "ready": True,
