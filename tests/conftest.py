@@ -100,3 +100,18 @@ def imagen_pytorch_bundles(imagen_pytorch_files):
     out = {"imagen": files["root"] / "bundle-imagen", "elucidated": files["root"] / "bundle-elucidated"}
     export_bundle(files["elucidated"], out["elucidated"], text_encoder=files["t5"], ema=True, max_batch=2)
     return out
+
+
+@pytest.fixture(scope="module")
+def module_cache_root(tmp_path_factory):
+    """A fresh per-user cache folder (IMAGEN_CACHE_DIR) for the module that asks for it, so nothing
+    a test measures or compiles is written under ~/.cache or read from another module's."""
+    from imagen.runtime.backends import machine
+
+    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get(machine.CACHE_VARIABLE)
+    os.environ[machine.CACHE_VARIABLE] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(machine.CACHE_VARIABLE, None)
+    else:
+        os.environ[machine.CACHE_VARIABLE] = before

@@ -5,7 +5,6 @@ OpenVINO, and TensorRT first on a GPU. No OpenVINO model is compiled here: the m
 Every test keeps its caches in a temporary IMAGEN_CACHE_DIR."""
 
 import json
-import os
 
 import pytest
 
@@ -18,15 +17,8 @@ from bundles import make_bundle, with_engines
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_root(tmp_path_factory):
-    """A fresh per-user cache folder for this module (nothing is written under ~/.cache)."""
-    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get(machine.CACHE_VARIABLE)
-    os.environ[machine.CACHE_VARIABLE] = str(folder)
-    yield folder
-    if before is None:
-        os.environ.pop(machine.CACHE_VARIABLE, None)
-    else:
-        os.environ[machine.CACHE_VARIABLE] = before
+def cache_root(module_cache_root):
+    return module_cache_root
 
 
 @pytest.fixture(scope="module")

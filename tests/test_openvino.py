@@ -37,15 +37,8 @@ PROMPTS = ["a small red circle on the left", "a large blue square at the top"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_root(tmp_path_factory):
-    """A fresh per-user cache folder for this module (nothing is written under ~/.cache)."""
-    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get(machine.CACHE_VARIABLE)
-    os.environ[machine.CACHE_VARIABLE] = str(folder)
-    yield folder
-    if before is None:
-        os.environ.pop(machine.CACHE_VARIABLE, None)
-    else:
-        os.environ[machine.CACHE_VARIABLE] = before
+def cache_root(module_cache_root):
+    return module_cache_root
 
 
 @pytest.fixture(scope="module")

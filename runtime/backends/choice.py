@@ -20,7 +20,7 @@ demo's base Unet, whose outputs are within 5.4e-3). Measured on the demo at n = 
 paired with FP32 (docs/cpu-backends.md): every Unet in bf16 lost 2.3 points of exact match on
 training captions (McNemar p = 0.02), the base Unet alone 1.8, the super-resolution Unet alone 0.8
 (p = 0.38) and 0.3 on held-out captions. A super-resolution Unet redraws an image it is given, so
-its rounding changes pixels, not the scene. `BF16_UNETS` says which Unets `auto` may run in bf16.
+its rounding changes pixels, not the scene. `bf16_unets` says which Unets `auto` may run in bf16.
 
 The gate: per Unet, OpenVINO bf16 against ONNX Runtime FP32 on the stage's sample inputs
 (`StageSignature.sample_inputs` at batch 2 and at the stage's largest batch), measured as
@@ -334,9 +334,8 @@ def choose_cpu(bundle, backend: str, precision: str, threads: int | None, provid
 
 
 def _worst(gate: dict) -> str:
+    """The candidate Unet furthest from FP32 and its error (auto has candidates when it measures)."""
     errors = {name: gate["rel_error"][name] for name in gate["bf16_unets"]}
-    if not errors:
-        return "not applied: no super-resolution Unet"
     worst = max(errors, key=errors.get)
     return f"{worst} {errors[worst]:.1e}"
 
