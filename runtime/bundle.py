@@ -31,6 +31,7 @@ from .contract import (
 from .contract.sampling import TABLE_SAMPLERS
 from .contract.settings import Settings, check_guidance_per_unet, check_sr_strength
 from .errors import BundleError, ParameterError
+from .samplers import spaced_timesteps
 from .schedule import Schedule
 
 
@@ -64,6 +65,16 @@ class Bundle:
             self.schedules[stage.name].num_timesteps if stage.how_sampled.steps is None else stage.how_sampled.steps
             for stage in self.unets
         ]
+
+    def walked_timesteps(self, settings: Settings) -> list[list[int]]:
+        """The timesteps each Unet walks under `settings` (a super-resolution Unet keeps the last
+        sr_strength share; a stage sampled from a per-step table walks its rows, in order)."""
+        out = []
+        for index, (stage, total, steps) in enumerate(zip(self.unets, self.timesteps, settings.steps, strict=True)):
+            sampling, strength = stage.how_sampled, settings.sr_strength if index > 0 else 1.0
+            table = None if sampling.steps is None else list(range(sampling.steps))
+            out.append(table or spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset))
+        return out
 
     @property
     def max_batch(self) -> int:

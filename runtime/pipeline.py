@@ -42,7 +42,7 @@ from .errors import BackendError, BundleError, NonFiniteError, ParameterError, P
 from .guidance import GuidedDenoiser
 from .images import resize_image, to_uint8
 from .requests import Request, Result, batch_noise, image_info
-from .samplers import run_sampler, spaced_timesteps
+from .samplers import run_sampler
 from .tokenizer import Tokenizer, validate_prompt
 
 DEMO_BUNDLE = Path(__file__).parent / "demo"
@@ -118,14 +118,8 @@ class Pipeline:
         return settings
 
     def timesteps(self, settings: Settings) -> list[list[int]]:
-        """The timesteps each Unet walks (a super-resolution Unet keeps the last sr_strength share; a
-        stage sampled from a per-step table walks its rows, in order)."""
-        out = []
-        for index, (stage, total, steps) in enumerate(zip(self.bundle.unets, self.bundle.timesteps, settings.steps)):
-            sampling, strength = stage.how_sampled, settings.sr_strength if index > 0 else 1.0
-            table = None if sampling.steps is None else list(range(sampling.steps))
-            out.append(table or spaced_timesteps(total, steps, strength, sampling.spacing, sampling.steps_offset))
-        return out
+        """The timesteps each Unet walks (`Bundle.walked_timesteps`)."""
+        return self.bundle.walked_timesteps(settings)
 
     @property
     def warmup_steps(self) -> tuple[int, ...]:

@@ -227,36 +227,47 @@ def test_bf16_pipeline_reports_its_gate_and_stays_near_fp32():
     assert difference.mean() <= 4 and result.info[0]["precision"] == "bf16"
 
 
-MIXED = ("onnxruntime/openvino", "fp32/bf16")
+MIXED = ("onnxruntime>openvino/openvino", "fp32>bf16/bf16")
 
 
 @needs_bf16
-def test_auto_runs_the_base_unet_exact_and_the_super_resolution_unet_in_bf16(monkeypatch):
-    """precision auto where bf16 is measured faster: the text encoder and base Unet on ONNX Runtime
-    FP32 (their outputs as the exact pipeline's, bit for bit), the super-resolution Unet on OpenVINO
-    bf16; the info and the PNG say so, one per Unet."""
+def test_auto_splits_the_base_unet_by_timestep_and_runs_the_super_resolution_unet_in_bf16(monkeypatch):
+    """precision auto where bf16 is measured faster: the text encoder on ONNX Runtime FP32, the base
+    Unet on ONNX Runtime FP32 for timesteps >= 3/4 T (bit for bit the exact pipeline's) and on OpenVINO
+    bf16 below, the super-resolution Unet on OpenVINO bf16; the info and the PNG say so."""
     from imagen.runtime import encode_png
-    from imagen.runtime.backends import OpenVINOBackend
+    from imagen.runtime.backends import OpenVINOBackend, SplitBackend
 
-    faster = (True, "measured faster (forced by the test)")
-    monkeypatch.setattr(choice, "decide", lambda entry, calls, candidates: faster)
+    monkeypatch.setattr(choice, "decide", lambda entry, calls: (True, "measured faster (forced by the test)"))
     pipe = Pipeline.load(precision="auto", threads=2)
     exact = Pipeline.load(threads=2)
-    assert (pipe.backend_name, pipe.precision) == MIXED and pipe.choice.gate["bf16_unets"] == ["unet_1"]
+    assert (pipe.backend_name, pipe.precision) == MIXED and pipe.choice.gate["bf16_unets"] == ["unet_0", "unet_1"]
     assert isinstance(pipe.backends["unet_1"], OpenVINOBackend)
-    for name in ("text_encoder", "unet_0"):
-        assert isinstance(pipe.backends[name], OnnxRuntimeBackend)
-        feeds = _feeds(pipe.bundle, name, 2)
-        output = pipe.bundle.stages[name].signature.output_names[0]
-        np.testing.assert_array_equal(pipe.backends[name].run(feeds)[output], exact.backends[name].run(feeds)[output])
+    assert isinstance(pipe.backends["text_encoder"], OnnxRuntimeBackend)
+    split = pipe.backends["unet_0"]
+    assert isinstance(split, SplitBackend) and split.switch == 187.5
+    assert isinstance(split.noisy, OnnxRuntimeBackend) and isinstance(split.rest, OpenVINOBackend)
+    feeds = _feeds(pipe.bundle, "text_encoder", 2)
+    encoders = (pipe.backends["text_encoder"], exact.backends["text_encoder"])
+    np.testing.assert_array_equal(*(encoder.run(feeds)["text_embeds"] for encoder in encoders))
+    feeds = _feeds(pipe.bundle, "unet_0", 2)
+    for time, bit_for_bit in ((249.0, True), (188.0, True), (187.0, False), (0.0, False)):
+        feeds["time"] = np.full_like(feeds["time"], time)
+        ours, theirs = split.run(feeds)["noise_pred"], exact.backends["unet_0"].run(feeds)["noise_pred"]
+        assert np.array_equal(ours, theirs) == bit_for_bit, time
+        assert choice.relative_error(ours, theirs) <= GATE
     result = pipe(PROMPTS, seed=7, steps=[8, 4])
     assert [(i["backend"], i["precision"]) for i in result.info] == [MIXED] * 2
     text = Image.open(io.BytesIO(encode_png(result.array[0], result.info[0]))).text
     assert (text["backend"], text["precision"]) == MIXED
     reference = exact(PROMPTS, seed=7, steps=[8, 4])
     difference = np.abs(result.array.astype(np.int16) - reference.array.astype(np.int16))
-    print(f"fp32/bf16 vs FP32 uint8: mean {difference.mean():.2f}, max {difference.max()}")
+    print(f"auto vs FP32 uint8: mean {difference.mean():.2f}, max {difference.max()}")
     assert 0 < difference.mean() <= 4
+    pipe.close()
+    for engine in (split.noisy, split.rest):  # closing the pipeline closed both
+        with pytest.raises(BackendError, match="was closed"):
+            engine.run(feeds)
 
 
 def test_command_lines_refuse_bad_precisions_in_one_line(tmp_path):

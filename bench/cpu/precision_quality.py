@@ -3,13 +3,16 @@ Unets, paired (same captions, same seeds), on a CPU with native bf16 (docs/cpu-b
 
     python -m bench.cpu.precision_quality                         # seeds 0 and 10000, n = 96 per split
     python -m bench.cpu.precision_quality --seeds 0 10000 20000 30000 --json quality.json
+    python -m bench.cpu.precision_quality --rows fp32 auto reversed fp32/bf16 bf16/fp32
 
 Rows: "fp32" (ONNX Runtime, today's images), "bf16" (every Unet on OpenVINO bf16, `--precision
-bf16`), "fp32/bf16" (the base Unet on ONNX Runtime FP32, the super-resolution Unets on OpenVINO
-bf16: what `--precision auto` runs where bf16 is measured faster) and "bf16/fp32" (the base Unet
-alone in bf16, for comparison). Per split: exact match and each attribute, the difference from FP32
-with a 95% interval of the paired difference, and the discordant pairs with McNemar's exact test.
-The gate: exact match within 2 points of FP32, colour, shape and position within 3, on both splits.
+bf16`), "auto" (what `--precision auto` runs where bf16 is measured faster: the base Unet on ONNX
+Runtime FP32 for timesteps >= 3/4 T and OpenVINO bf16 below, the super-resolution Unets bf16), and
+for comparison "reversed" (the base Unet bf16 above 3/4 T, FP32 below), "fp32/bf16" (only the
+super-resolution Unets bf16) and "bf16/fp32" (only the base Unet bf16). Per split: exact match and
+each attribute, the difference from FP32 with a 95% interval of the paired difference, and the
+discordant pairs with McNemar's exact test. The gate: exact match within 2 points of FP32, colour,
+shape and position within 3, on both splits.
 """
 
 import argparse
@@ -20,7 +23,8 @@ import sys
 from ..machine import machine
 from ..markdown import table
 
-ROWS = ("fp32", "bf16", "fp32/bf16", "bf16/fp32")
+ROWS = ("fp32", "bf16", "auto", "reversed", "fp32/bf16", "bf16/fp32")
+DEFAULT_ROWS = ("fp32", "bf16", "auto")
 ATTRIBUTES = ("exact", "colour", "shape", "position")
 GATE_POINTS = {"exact": 2.0, "colour": 3.0, "shape": 3.0, "position": 3.0}
 
@@ -28,16 +32,26 @@ GATE_POINTS = {"exact": 2.0, "colour": 3.0, "shape": 3.0, "position": 3.0}
 def pipelines(threads: int) -> dict:
     """Each row's pipeline; the mixed rows share the FP32 and bf16 pipelines' engines."""
     from imagen.runtime import Pipeline
+    from imagen.runtime.backends import SplitBackend
+    from imagen.runtime.backends.choice import switch_time
 
     fp32 = Pipeline.load(backend="onnxruntime", precision="fp32", threads=threads)
     bf16 = Pipeline.load(backend="openvino", precision="bf16", threads=threads)
 
-    def mixed(bf16_unets: list[str], label: str):
-        backends = {**fp32.backends, **{name: bf16.backends[name] for name in bf16_unets}}
-        return Pipeline(fp32.bundle, backends, fp32.tokenizer, label)
+    def mixed(engines: dict):
+        return Pipeline(fp32.bundle, {**fp32.backends, **engines}, fp32.tokenizer, "mixed")
 
     base, rest = fp32.bundle.unets[0].name, [stage.name for stage in fp32.bundle.unets[1:]]
-    return {"fp32": fp32, "bf16": bf16, "fp32/bf16": mixed(rest, "mixed"), "bf16/fp32": mixed([base], "mixed")}
+    switch = switch_time(fp32.bundle, base)
+    upper = {name: bf16.backends[name] for name in rest}
+    return {
+        "fp32": fp32,
+        "bf16": bf16,
+        "auto": mixed({base: SplitBackend(fp32.backends[base], bf16.backends[base], switch), **upper}),
+        "reversed": mixed({base: SplitBackend(bf16.backends[base], fp32.backends[base], switch), **upper}),
+        "fp32/bf16": mixed(upper),
+        "bf16/fp32": mixed({base: bf16.backends[base]}),
+    }
 
 
 def mcnemar(only_first: int, only_second: int) -> float:
@@ -126,7 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 10000])
     parser.add_argument("--n", type=int, default=96, help="captions per split and seed")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args(argv)
     rows = ["fp32", *[row for row in args.rows if row != "fp32"]]

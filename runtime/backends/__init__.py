@@ -4,6 +4,7 @@
     onnxruntime.py  `OnnxRuntimeBackend` (the default: CPU, or the CUDA/TensorRT execution providers)
     tensorrt.py     `TensorRTBackend`, serialized engines from `imagen-export --tensorrt`
     openvino.py     `OpenVINOBackend`, the bundle's ONNX on OpenVINO's CPU device, in FP32 or bf16
+    split.py        `SplitBackend`, one Unet on two engines chosen per call by its timestep
     choice.py       the precision rules, bf16's quality gate, and auto's measured CPU engine choice
     machine.py      the CPU's flags, native bf16, the machine's key and the per-user cache folder
     cuda.py         TensorRT and cuda-python, the GPU and driver probe, which engines run here
@@ -21,7 +22,7 @@ from ..bundle import Bundle
 from ..contract import TEXT_ENCODER
 from ..contract.settings import is_int
 from ..errors import BackendError, BundleError, ParameterError
-from .choice import GATE, PRECISION_HELP, PRECISIONS, Choice, check_precision, choose_cpu
+from .choice import GATE, PRECISION_HELP, PRECISIONS, Choice, check_precision, choose_cpu, switch_time
 from .feeds import STEP_INPUTS, check_feeds, engine_profile
 from .onnxruntime import (
     CPU_PROVIDER,
@@ -37,6 +38,7 @@ from .onnxruntime import (
     tensorrt_cache_dir,
     tensorrt_provider_options,
 )
+from .split import SplitBackend
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino")
 # What cuda.py gives, loaded on first use (module attribute lookup, PEP 562), and TensorRTBackend.
@@ -68,6 +70,7 @@ __all__ = [
     "open_engines",
     "OpenVINOBackend",
     "provider_names",
+    "SplitBackend",
     "tensorrt_cache_dir",
     "tensorrt_provider_options",
     "TensorRTBackend",
@@ -136,8 +139,9 @@ def open_engines(
     backend: "onnxruntime"; "tensorrt" (the bundle's engines, on an NVIDIA GPU); "openvino" (OpenVINO
     on the CPU); "auto": TensorRT when the bundle has engines usable here, else the CPU engine
     choice.py picks for `precision`. precision: "fp32" (auto: ONNX Runtime, today's images), "bf16"
-    (OpenVINO's bf16 Unets) or "auto" (the super-resolution Unets in bf16 where the CPU has it
-    natively, they pass the quality gate and, for backend auto, it was measured faster). providers:
+    (OpenVINO's bf16 Unets) or "auto" (where the CPU has bf16 natively, the Unets pass the quality gate
+    and, for backend auto, it was measured faster: the super-resolution Unets in bf16, the base Unet in
+    FP32 for its noisiest quarter of timesteps and bf16 after, choice.py). providers:
     onnxruntime execution providers (None: CPU; "auto": CUDA/TensorRT providers when installed). A
     failure closes what was opened before it."""
     check_backend_options(backend, threads, precision)
@@ -163,10 +167,18 @@ def open_engines(
     backends = {}
     try:
         for name, stage in bundle.stages.items():
-            # the text encoder in FP32 on the base Unet's engine, each Unet as chosen
-            engine, precision = choice.engine(unets.get(name, 0))
-            precision = "fp32" if name == TEXT_ENCODER else precision
-            backends[name] = _open(bundle, engine, precision, name, stage, providers, threads, caches.get(engine))
+            # the text encoder in FP32 on the base Unet's first engine, each Unet as chosen
+            phases = choice.phases(unets.get(name, 0))
+            if name == TEXT_ENCODER:
+                phases = [(phases[0][0], "fp32")]
+            opened = []
+            try:
+                for engine, precision in phases:
+                    opened.append(_open(bundle, engine, precision, name, stage, providers, threads, caches.get(engine)))
+            except BaseException:
+                close_backends(dict(enumerate(opened)))
+                raise
+            backends[name] = opened[0] if len(opened) == 1 else SplitBackend(*opened, switch_time(bundle, name))
     except BaseException:
         close_backends(backends)
         raise

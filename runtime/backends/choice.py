@@ -4,9 +4,10 @@ and `--backend auto`'s measured choice between ONNX Runtime FP32 and OpenVINO bf
     precision  onnxruntime        openvino                              auto (CPU)
     fp32       the bundle's ONNX  OpenVINO FP32                         ONNX Runtime: today's images, bit for bit
     bf16       ParameterError     every Unet bf16 (native bf16 only)    as openvino
-    auto       as fp32            super-resolution Unets bf16 where     the base Unet on ONNX Runtime FP32, the
-                                  native and gated, the rest FP32       super-resolution Unets on OpenVINO bf16
-                                                                        where native, gated and faster
+    auto       as fp32            where native and gated: the base      where native, gated and faster: the base
+                                  Unet FP32 then bf16 (split by         Unet on ONNX Runtime FP32 then OpenVINO
+                                  timestep), the super-resolution       bf16, the super-resolution Unets on
+                                  Unets bf16; else FP32                 OpenVINO bf16; else ONNX Runtime FP32
 
 The text encoder always runs in FP32 (one call per batch; bf16 would buy nothing and lose digits).
 "Native" is `machine.native_bf16` (AVX-512 BF16 or AMX): without it OpenVINO converts to bf16 and
@@ -14,13 +15,21 @@ back in software, slower than FP32, so `auto` never considers bf16 there and nev
 (OpenVINO FP32 ran at 0.81-0.93x of ONNX Runtime's on an AVX2-only CPU and 0.82-1.01x on the
 AVX-512 machine of docs/benchmarks.md), and an explicit bf16 is refused with the fix.
 
-Under `auto` the base Unet stays FP32: it decides what is drawn, and bf16 blurs the difference
-between its text and null-text outputs (the direction guidance amplifies: 9e-2 relative on the
+Under `auto` the base Unet runs its noisiest quarter of timesteps (t >= 3/4 T, `switch_time`: the
+first 5 of the demo's 20 default steps) in FP32 and the rest in bf16 (`split.SplitBackend`); the
+super-resolution Unets run bf16. The base Unet is where bf16 costs prompt adherence: it blurs what
+guidance amplifies, the difference between the text and null-text outputs (9e-2 relative on the
 demo's base Unet, whose outputs are within 5.4e-3). Measured on the demo at n = 384 per split,
-paired with FP32 (docs/cpu-backends.md): every Unet in bf16 lost 2.3 points of exact match on
-training captions (McNemar p = 0.02), the base Unet alone 1.8, the super-resolution Unet alone 0.8
-(p = 0.38) and 0.3 on held-out captions. A super-resolution Unet redraws an image it is given, so
-its rounding changes pixels, not the scene. `bf16_unets` says which Unets `auto` may run in bf16.
+paired with FP32 (docs/cpu-backends.md), exact match: every Unet in bf16 -2.3 points on training
+captions (McNemar p = 0.02) and -1.3 on held-out ones, over the 2-point gate; auto's split -1.0 and
+-1.3, within it, at 1.5 times FP32's images/s; the super-resolution Unet alone in bf16 -0.8 and -0.3.
+How many base steps run bf16 mattered more than which: the reverse split (bf16 for the first
+quarter, FP32 after) lost -0.8 and 0.0, within the noise of auto's, and is slower (15 FP32 calls).
+The noisiest steps keep FP32 because there an error in the predicted noise weighs most on the
+predicted image: it is multiplied by sqrt((1 - alpha_bar_t) / alpha_bar_t), 25 to 175 over the demo's
+first quarter and below 16 after. A base Unet sampled from a table of continuous times
+(imagen-pytorch's) stays FP32 under auto: the split was measured on discrete schedules only.
+`auto_plan` says which Unets `auto` may run in bf16, and how.
 
 The gate: per Unet, OpenVINO bf16 against ONNX Runtime FP32 on the stage's sample inputs
 (`StageSignature.sample_inputs` at batch 2 and at the stage's largest batch), measured as
@@ -37,6 +46,7 @@ temporary name, then renamed).
 
 import functools
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -60,10 +70,12 @@ from .openvino import (
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = (
     "The Unets' inference precision on the CPU: fp32 (with --backend auto, ONNX Runtime's exact images), "
-    "bf16 (OpenVINO, CPUs with AVX-512 BF16 or AMX), or auto: bf16 where the CPU has it, the Unets pass the "
-    "quality gate and it was measured faster here, else fp32."
+    "bf16 (OpenVINO, CPUs with AVX-512 BF16 or AMX), or auto: where the CPU has bf16, the Unets pass the "
+    "quality gate and it was measured faster here, the super-resolution Unets in bf16 and the base Unet in fp32 "
+    "for its noisiest quarter of timesteps, bf16 after; else fp32."
 )
 GATE = 3e-2
+FP32_SHARE = 0.25  # of the base Unet's timesteps, the noisiest, that auto keeps in FP32
 TIMED_CALLS, TIME_BUDGET_S = 3, 2.0  # timed calls per engine and batch, fewer past the budget
 ENTRY_FORMAT = 1
 ENGINES = ("onnxruntime", "openvino_bf16")  # the two timed, the reference first
@@ -75,9 +87,11 @@ class Choice:
     the text encoder's is FP32), `reason` (one line: what and why) and `gate` (bf16's quality gate
     where it was measured: threshold, each Unet's relative error, the Unets it applies to, passed).
 
-    `unets` is set where the Unets differ: (engine, precision) per Unet in cascade order. Then
-    `backend` or `precision`, where they differ between Unets, name one per Unet joined by "/"
-    ("onnxruntime/openvino", "fp32/bf16"), and the text encoder runs on the base Unet's engine in FP32."""
+    `unets` is set where the Unets differ: (engine, precision) per Unet in cascade order. A Unet split
+    by timestep names both, FP32's first ("onnxruntime>openvino", "fp32>bf16": its noisiest timesteps
+    on ONNX Runtime FP32, the rest on OpenVINO bf16). Then `backend` or `precision`, where they differ
+    between Unets, name one per Unet joined by "/" ("onnxruntime>openvino/openvino",
+    "fp32>bf16/bf16"), and the text encoder runs in FP32 on the base Unet's first engine."""
 
     backend: str
     precision: str
@@ -89,9 +103,17 @@ class Choice:
         """(engine, precision) of the Unet at cascade position `index` (0: the base Unet)."""
         return self.unets[index] if self.unets else (self.backend, self.precision)
 
+    def phases(self, index: int) -> list[tuple[str, str]]:
+        """(engine, precision) of the Unet at `index`: one, or two for a Unet split by timestep (the
+        one for its noisiest timesteps first)."""
+        engine, precision = self.engine(index)
+        engines, precisions = engine.split(">"), precision.split(">")
+        return [(engines[min(i, len(engines) - 1)], p) for i, p in enumerate(precisions)]
+
     @property
     def engines(self) -> set[str]:
-        return {backend for backend, _ in self.unets} if self.unets else {self.backend}
+        pairs = self.unets or ((self.backend, self.precision),)
+        return {name for engine, _ in pairs for name in engine.split(">")}
 
 
 def check_precision(backend: str, precision: str) -> None:
@@ -228,27 +250,47 @@ def measured(bundle, threads: int, measure=measure) -> tuple[dict, str]:
     return entry, "measured now"
 
 
-def bf16_unets(bundle) -> list[str]:
-    """The Unets `--precision auto` may run in bf16: the super-resolution Unets (module docstring)."""
-    return [stage.name for stage in bundle.unets[1:]]
+def auto_plan(bundle) -> dict[str, float]:
+    """The Unets `--precision auto` may run in bf16, each with the share of its timesteps (the
+    noisiest) kept in FP32: the base Unet FP32_SHARE, the super-resolution Unets none. A base Unet
+    sampled from a table of continuous times (imagen-pytorch's) is left out: FP32 throughout."""
+    plan = {}
+    for index, stage in enumerate(bundle.unets):
+        if index > 0:
+            plan[stage.name] = 0.0
+        elif stage.how_sampled.time == "discrete":
+            plan[stage.name] = FP32_SHARE
+    return plan
 
 
-def default_calls(bundle) -> dict[str, float]:
-    """Unet calls per image at the bundle's default settings (a super-resolution Unet runs its
-    sr_strength share): the weights of the timings."""
-    settings = bundle.default_settings
-    return {
-        stage.name: steps * (1.0 if index == 0 else settings.sr_strength)
-        for index, (stage, steps) in enumerate(zip(bundle.unets, settings.steps, strict=True))
-    }
+def switch_time(bundle, name: str) -> float:
+    """The `time` at and above which a Unet split by `auto_plan` runs FP32: the top FP32_SHARE of its
+    timesteps (187.5 of 250 on the demo: its first 5 of 20 default steps)."""
+    return (1.0 - FP32_SHARE) * bundle.schedules[name].num_timesteps
 
 
-def decide(entry: dict, calls: dict[str, float], candidates: list[str]) -> tuple[bool, str]:
-    """(bf16 for the `candidates` or not, why in a few words) from a measured entry and each Unet's
-    calls: within the gate, and the Unets' time as a whole (the others on ONNX Runtime either way)
-    lower at every measured batch."""
+def default_calls(bundle, plan: dict[str, float]) -> dict[str, tuple[int, int]]:
+    """(FP32 calls, bf16 calls) per Unet and image at the bundle's default settings under `plan` (a
+    super-resolution Unet runs its sr_strength share of the steps): the weights of the timings."""
+    walked = bundle.walked_timesteps(bundle.default_settings)
+    calls = {}
+    for stage, timesteps in zip(bundle.unets, walked, strict=True):
+        if stage.name not in plan:
+            calls[stage.name] = (len(timesteps), 0)
+            continue
+        switch = switch_time(bundle, stage.name) if plan[stage.name] > 0 else math.inf
+        fp32 = sum(t >= switch for t in timesteps)
+        calls[stage.name] = (fp32, len(timesteps) - fp32)
+    return calls
+
+
+def decide(entry: dict, calls: dict[str, tuple[int, int]]) -> tuple[bool, str]:
+    """(bf16 as planned or not, why in a few words) from a measured entry and each Unet's (FP32 calls,
+    bf16 calls): the Unets that would run bf16 within the gate, and the Unets' time as a whole lower
+    at every measured batch than with every call on ONNX Runtime FP32."""
+    candidates = [name for name, (_, bf16) in calls.items() if bf16]
     if not candidates:
-        return False, "the bundle has no super-resolution Unet, and its base Unet stays fp32 under auto"
+        return False, "no Unet auto may run in bf16 (a base Unet sampled from a table stays fp32)"
     gate = {name: entry["gate"][name] for name in candidates}
     worst = max(gate, key=gate.get)
     if not gate[worst] <= GATE:
@@ -256,15 +298,15 @@ def decide(entry: dict, calls: dict[str, float], candidates: list[str]) -> tuple
     first = entry["timings"][worst]["batch"]
     speedups = []
     for index in range(len(first)):
-        ort = sum(calls[name] * row["onnxruntime"][index] for name, row in entry["timings"].items())
+        ort = sum(sum(calls[name]) * row["onnxruntime"][index] for name, row in entry["timings"].items())
         mixed = sum(
-            calls[name] * row["openvino_bf16" if name in candidates else "onnxruntime"][index]
+            calls[name][0] * row["onnxruntime"][index] + calls[name][1] * row["openvino_bf16"][index]
             for name, row in entry["timings"].items()
         )
         speedups.append(ort / mixed)
     said = ", ".join(f"{s:.2f}x at batch {b}" for s, b in zip(speedups, first, strict=True))
     if min(speedups) < 1.0:
-        return False, f"bf16 super-resolution Unets were not faster than onnxruntime fp32 ({said})"
+        return False, f"bf16 as planned was not faster than onnxruntime fp32 ({said})"
     return True, f"gate {gate[worst]:.1e} <= {GATE:.0e}; {said} against onnxruntime fp32"
 
 
@@ -308,9 +350,11 @@ def choose_cpu(bundle, backend: str, precision: str, threads: int | None, provid
     if not native or precision == "fp32":
         why = "asked for" if precision == "fp32" else "this CPU has no native bf16 (avx512_bf16 or amx_bf16)"
         return onnxruntime(why) if backend == "auto" else _choice("openvino", "fp32", why)
-    candidates = bf16_unets(bundle)
+    plan = auto_plan(bundle)
+    calls = default_calls(bundle, plan)
+    candidates = [name for name, (_, bf16) in calls.items() if bf16]
     if precision == "auto" and not candidates:
-        why = "no super-resolution Unet: the base Unet stays fp32 under auto"
+        why = "no Unet auto may run in bf16: a base Unet sampled from a table stays fp32"
         return onnxruntime(why) if backend == "auto" else _choice("openvino", "fp32", why)
     try:
         entry, when = measured(bundle, threads, measure)
@@ -318,18 +362,19 @@ def choose_cpu(bundle, backend: str, precision: str, threads: int | None, provid
         if backend != "auto" or precision != "auto":
             raise
         return onnxruntime(f"OpenVINO could not run this bundle: {one_line(error)}")
-    faster, why = decide(entry, default_calls(bundle), candidates)
-    gate = gate_report(entry, candidates)
     if precision == "bf16":
-        worst = f"quality gate {max(gate['rel_error'].values()):.1e} (at most {GATE:.0e})"
+        gate = gate_report(entry, [stage.name for stage in bundle.unets])
+        worst = f"quality gate {_worst(gate)} (at most {GATE:.0e})"
         return _choice("openvino", "bf16", f"--precision bf16; {worst}, {when}", gate)
+    faster, why = decide(entry, calls)
+    gate = gate_report(entry, candidates)
     said = f"quality gate {_worst(gate)} (at most {GATE:.0e}), {when}"
     if backend == "openvino":
         if not gate["passed"]:
             return _choice("openvino", "fp32", f"--precision auto; {said}", gate)
-        return _mixed(bundle, ("openvino", "fp32"), candidates, f"--precision auto; {said}", gate)
+        return _planned(bundle, ("openvino", "fp32"), plan, f"--precision auto; {said}", gate)
     if faster:
-        return _mixed(bundle, ("onnxruntime", exported), candidates, f"{why}, {when}", gate)
+        return _planned(bundle, ("onnxruntime", exported), plan, f"{why}, {when}", gate)
     return _choice("onnxruntime", exported, f"{why}, {when}", gate)
 
 
@@ -344,11 +389,19 @@ def _choice(backend: str, precision: str, why: str, gate: dict | None = None) ->
     return Choice(backend, precision, f"{backend} {precision} ({why})", gate)
 
 
-def _mixed(bundle, base: tuple[str, str], candidates: list[str], why: str, gate: dict) -> Choice:
-    """The base Unet (and every Unet not in `candidates`) on `base` (engine, precision), the
-    candidates bf16 on OpenVINO."""
-    unets = tuple(("openvino", "bf16") if stage.name in candidates else base for stage in bundle.unets)
+def _planned(bundle, exact: tuple[str, str], plan: dict[str, float], why: str, gate: dict) -> Choice:
+    """Each Unet by `plan`: bf16 on OpenVINO, split by timestep (`exact` (engine, precision) for its
+    noisiest timesteps, bf16 on OpenVINO for the rest), or on `exact` where the plan leaves it out."""
+    unets = []
+    for stage in bundle.unets:
+        share = plan.get(stage.name)
+        if share is None:
+            unets.append(exact)
+        elif share == 0:
+            unets.append(("openvino", "bf16"))
+        else:
+            engine = exact[0] if exact[0] == "openvino" else f"{exact[0]}>openvino"
+            unets.append((engine, f"{exact[1]}>bf16"))
     backend, precision = (values[0] if len(set(values)) == 1 else "/".join(values) for values in zip(*unets))
-    if len(set(unets)) == 1:
-        unets = ()
+    unets = () if len(set(unets)) == 1 else tuple(unets)
     return Choice(backend, precision, f"{backend} {precision} ({why})", gate, unets)
