@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import backend_device, backend_namespace, device, namespace, to_namespace, to_numpy
-from .backends import check_backend_options, close_backends, open_engines
+from .backends import SplitBackend, check_backend_options, close_backends, open_engines
 from .bundle import Bundle, check_settings_fit, load_bundle
 from .continuous import sample_table_stage
 from .contract import LOWRES, MANIFEST, TEXT_ENCODER
@@ -123,9 +123,15 @@ class Pipeline:
 
     @property
     def warmup_steps(self) -> tuple[int, ...]:
-        """The fewest steps per Unet a request may take (a warm-up's): 1, or all of a stage's per-step
-        table, whose steps are fixed (imagen-pytorch's stages)."""
-        return tuple(1 if stage.how_sampled.steps is None else stage.how_sampled.steps for stage in self.bundle.unets)
+        """The fewest steps per Unet a request may take that still runs every engine (a warm-up's): 1;
+        for a Unet split by timestep (`SplitBackend`), the fewest whose timesteps fall on both sides
+        of its switch; all of a stage's per-step table, whose steps are fixed (imagen-pytorch's)."""
+        steps = []
+        for stage, total in zip(self.bundle.unets, self.bundle.timesteps, strict=True):
+            backend, fixed = self.backends[stage.name], stage.how_sampled.steps
+            split = isinstance(backend, SplitBackend)
+            steps.append(fixed or (backend.fewest_steps(total, stage.how_sampled) if split else 1))
+        return tuple(steps)
 
     def model_calls(self, settings: Settings) -> list[int]:
         """Unet calls per stage for these settings (what a progress bar counts to). Heun's method calls

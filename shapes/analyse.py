@@ -1,7 +1,16 @@
 """Read a `shapes` image back into (colour, shape, size, position) per object, by pixel
 analysis alone: segmentation from the background colour, connected components, colour by
-the nearest palette entry, shape from fill ratio and the taper from base to apex, size from
-the area, position from the centroid.
+the nearest palette entry, shape as the ideal shape it overlaps most, size from the area,
+position from the centroid.
+
+Shape: a circle, an axis-aligned square and an upward equilateral triangle, each of the object's
+area and centred on its centroid (as `scenes.render` draws them), are drawn as pixel coverage
+(SUPERSAMPLE x SUPERSAMPLE samples per pixel), and the object is the one whose intersection over
+union with its mask is highest. No threshold is tuned: the boundary is where two shapes overlap it
+equally. An earlier rule, a square when area / bounding box > 0.89, read generated squares with
+one stray pixel beyond an edge (which widens the bounding box by one) or softened corners as
+circles: on the demo at seed 0, 7 of 96 training captions' squares and 6 of 96 held-out ones, every
+one a square by eye (and nothing else changed reading).
 """
 
 from dataclasses import dataclass
@@ -9,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .scenes import COLOURS, POSITIONS, SIZES, SQUARE_HALF_SIDE
+from .scenes import COLOURS, POSITIONS, SIZES, SQUARE_HALF_SIDE, SUPERSAMPLE
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background above which a pixel is an object
 MIN_AREA = 0.004  # components smaller than this fraction of the image are noise
@@ -29,8 +38,7 @@ class DetectedObject:
     area: float  # fraction of the image
     cx: float
     cy: float
-    fill: float  # area over bounding-box area
-    taper: float  # width of the top third over width of the bottom third
+    overlap: float  # intersection over union of the mask with the ideal `shape`
 
     def labels(self) -> dict:
         return {"colour": self.colour, "shape": self.shape, "size": self.size, "position": self.position}
@@ -61,10 +69,31 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return sorted(found, key=len, reverse=True)
 
 
-def _classify_shape(fill: float, taper: float) -> str:
-    if taper < 0.6 or fill < 0.62:
-        return "triangle"
-    return "square" if fill > 0.89 else "circle"
+def _ideal_shapes(h: int, w: int, cx: float, cy: float, area: float) -> dict[str, np.ndarray]:
+    """Pixel coverage (h, w) in [0, 1] of each shape with `area` pixels centred on (cx, cy) (pixels)."""
+    ys, xs = (np.mgrid[0 : h * SUPERSAMPLE, 0 : w * SUPERSAMPLE] + 0.5) / SUPERSAMPLE
+    half = np.sqrt(area) / 2
+    side = np.sqrt(4 * area / np.sqrt(3))
+    height = side * np.sqrt(3) / 2
+    top = cy - 2 * height / 3  # an equilateral triangle's centroid is a third of its height above the base
+    below_apex = ys - top
+    inside = {
+        "circle": (xs - cx) ** 2 + (ys - cy) ** 2 <= area / np.pi,
+        "square": (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half),
+        "triangle": (below_apex >= 0) & (below_apex <= height) & (np.abs(xs - cx) <= below_apex / np.sqrt(3)),
+    }
+    return {name: mask.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3)) for name, mask in inside.items()}
+
+
+def _classify_shape(mask: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
+    """(the ideal shape the boolean mask overlaps most, that intersection over union)."""
+    h, w = mask.shape
+    overlaps = {
+        name: float(np.minimum(mask, ideal).sum() / np.maximum(mask, ideal).sum())
+        for name, ideal in _ideal_shapes(h, w, cx, cy, float(mask.sum())).items()
+    }
+    best = max(overlaps, key=overlaps.get)
+    return best, overlaps[best]
 
 
 def analyse(image) -> list[DetectedObject]:
@@ -88,17 +117,14 @@ def analyse(image) -> list[DetectedObject]:
         colour = np.median(pixels[ys, xs], axis=0)  # median: the anti-aliased rim does not pull it
         colour_name = palette_names[int(np.argmin(np.linalg.norm(palette - colour, axis=1)))]
         top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
-        fill = len(members) / ((bottom - top + 1) * (right - left + 1))
-        third = max(1, (bottom - top + 1) // 3)
-        top_width = np.bincount(ys - top, minlength=bottom - top + 1)[:third].mean()
-        bottom_width = np.bincount(ys - top, minlength=bottom - top + 1)[-third:].mean()
-        taper = float(top_width / max(bottom_width, 1e-6))
-        shape = _classify_shape(fill, taper)
+        cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
+        component = np.zeros(h * w, dtype=bool)
+        component[members] = True
+        shape, overlap = _classify_shape(component.reshape(h, w), cx * w, cy * h)
         # The radius from the area and from the bounding box, averaged: each alone is biased
         # by the anti-aliased rim on small objects, in opposite directions.
         extent = ((bottom - top + 1) / h + (right - left + 1) / w) / 2
         radius = (np.sqrt(area / UNIT_AREA[shape]) + extent / UNIT_EXTENT[shape]) / 2
-        cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
         position = list(POSITIONS)[int(np.argmin(np.linalg.norm(anchors - (cx, cy), axis=1)))]
         objects.append(
             DetectedObject(
@@ -109,8 +135,7 @@ def analyse(image) -> list[DetectedObject]:
                 float(area),
                 float(cx),
                 float(cy),
-                float(fill),
-                taper,
+                overlap,
             )
         )
     return objects

@@ -239,7 +239,8 @@ def test_tensorrt_stays_first_on_a_gpu_whatever_the_cpu(tmp_path, monkeypatch):
 
 def test_a_split_backend_routes_each_call_by_its_time_and_closes_both():
     """At or above the switch the noisy engine runs (also when a call's rows straddle it), below the
-    other; a call without `time` is a SignatureError; close closes both and raises the first error."""
+    other; a call without `time` is a SignatureError; close closes both and raises the first error;
+    a warm-up takes the fewest steps that run both (1 where no walk crosses the switch)."""
     import numpy as np
 
     from imagen.runtime.backends import SplitBackend
@@ -266,3 +267,7 @@ def test_a_split_backend_routes_each_call_by_its_time_and_closes_both():
     with pytest.raises(BackendError, match="noisy failed to close"):
         split.close()
     assert noisy.closed and rest.closed
+    # a warm-up's fewest steps that reach both engines: linspace 249, 0; leading (IF's) 751, 501, 251, 1
+    assert split.fewest_steps(250, SimpleNamespace(spacing="linspace", steps_offset=0)) == 2
+    assert SplitBackend(noisy, rest, 750.0).fewest_steps(1000, SimpleNamespace(spacing="leading", steps_offset=1)) == 4
+    assert SplitBackend(noisy, rest, 300.0).fewest_steps(250, SimpleNamespace(spacing="linspace", steps_offset=0)) == 1

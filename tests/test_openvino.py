@@ -247,6 +247,7 @@ def test_auto_splits_the_base_unet_by_timestep_and_runs_the_super_resolution_une
     split = pipe.backends["unet_0"]
     assert isinstance(split, SplitBackend) and split.switch == 187.5
     assert isinstance(split.noisy, OnnxRuntimeBackend) and isinstance(split.rest, OpenVINOBackend)
+    assert pipe.warmup_steps == (2, 1) and exact.warmup_steps == (1, 1)  # a server's warm-up runs both engines
     feeds = _feeds(pipe.bundle, "text_encoder", 2)
     encoders = (pipe.backends["text_encoder"], exact.backends["text_encoder"])
     np.testing.assert_array_equal(*(encoder.run(feeds)["text_embeds"] for encoder in encoders))

@@ -17,7 +17,7 @@ from imagen.shapes.scenes import BACKGROUND, scene_from_caption
 @pytest.mark.parametrize("image_size, n", [(64, 400), (32, 300)])
 def test_analyser_reads_ground_truth_renders(image_size, n):
     # The evaluator is only as good as its reader: at least 97% per attribute on renders
-    # (measured over 1,000 renders: 100% at 64 px, >= 99.5% at 32 px).
+    # (measured over 1,000 renders: 100% at 64 px, >= 99.2% at 32 px, where 8 small squares read as circles).
     data = ShapesDataset(seed=11, image_size=image_size, length=n)
     correct = {name: 0 for name in (*ATTRIBUTES, "exact")}
     for i in range(n):
@@ -26,6 +26,26 @@ def test_analyser_reads_ground_truth_renders(image_size, n):
             correct[name] += ok
     accuracy = {name: count / n for name, count in correct.items()}
     assert min(accuracy[name] for name in ATTRIBUTES) >= 0.97, accuracy
+
+
+@pytest.mark.parametrize("shape", ["square", "circle", "triangle"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_stray_pixel_beyond_an_edge_does_not_change_the_shape(shape, size):
+    """Generated squares often have a pixel beyond an edge, which widens the bounding box by one: read
+    by area over bounding box (> 0.89 for a square), the small square below is a circle (0.87). Read
+    by overlap with the ideal shapes, each shape stays what it is."""
+    colour = (220, 40, 40)
+    pixels = np.array(render(scene_from_caption(f"a {size} red {shape} in the middle"), 64))
+    ys, xs = np.nonzero(np.abs(pixels.astype(int) - BACKGROUND).sum(axis=2) > 60)
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    middle = (top + bottom) // 2
+    pixels[top - 1, xs[ys == top].min()] = colour  # above the top edge
+    pixels[middle, right + 1] = colour  # beside the right edge
+    objects = analyse(Image.fromarray(pixels))
+    assert [o.shape for o in objects] == [shape] and objects[0].overlap > 0.8
+    if shape == "square" and size == "small":
+        fill = (len(ys) + 2) / ((bottom - top + 2) * (right - left + 2))
+        assert fill < 0.89  # what the bounding-box rule read as a circle
 
 
 def test_dataset_is_reproducible_per_index_and_splits_are_disjoint():

@@ -8,6 +8,7 @@ know there are two.
 
 from ..arrays import to_numpy
 from ..errors import SignatureError
+from ..samplers import spaced_timesteps
 
 
 class SplitBackend:
@@ -27,6 +28,13 @@ class SplitBackend:
         if time is None:
             raise SignatureError(f"{self.stage.name}: inputs must include time (the engine is chosen by it)")
         return self.noisy if float(to_numpy(time).max(initial=-float("inf"))) >= self.switch else self.rest
+
+    def fewest_steps(self, total: int, sampling) -> int:
+        """The fewest steps of a Unet with `total` timesteps, spaced as `sampling` (its how_sampled)
+        says, that fall on both sides of the switch: a warm-up that runs both engines (1 where none do)."""
+        spacing, offset = sampling.spacing, sampling.steps_offset
+        walks = (spaced_timesteps(total, n, 1.0, spacing, offset) for n in range(2, total + 1))
+        return next((len(w) for w in walks if max(w) >= self.switch > min(w)), 1)
 
     def run(self, feeds: dict) -> dict:
         return self.engine_for(feeds).run(feeds)
