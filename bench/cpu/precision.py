@@ -173,8 +173,8 @@ def _target(what: str, value: float, goal: float) -> dict:
 
 
 def end_to_end(bundle, *, threads: int, repeats: int, steps=None) -> dict:
-    """Section 2: the demo cascade, today's FP32 against auto (and every Unet in bf16, which auto
-    does not choose: it fails the quality gate on the demo), at a full batch and at one image."""
+    """Section 2: the demo cascade, today's FP32 against auto (and every Unet in bf16, `--precision
+    bf16`, for comparison), at a full batch and at one image."""
     from imagen.runtime import Pipeline
 
     pipes = {p: Pipeline.load(bundle, threads=threads, precision=p) for p in ("fp32", "auto")}

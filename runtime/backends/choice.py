@@ -17,18 +17,17 @@ AVX-512 machine of docs/benchmarks.md), and an explicit bf16 is refused with the
 
 Under `auto` the base Unet runs its noisiest quarter of timesteps (t >= 3/4 T, `switch_time`: the
 first 5 of the demo's 20 default steps) in FP32 and the rest in bf16 (`split.SplitBackend`); the
-super-resolution Unets run bf16. The base Unet is where bf16 costs prompt adherence: it blurs what
-guidance amplifies, the difference between the text and null-text outputs (9e-2 relative on the
-demo's base Unet, whose outputs are within 5.4e-3). Measured on the demo at n = 384 per split,
-paired with FP32 (docs/cpu-backends.md), exact match: every Unet in bf16 -2.3 points on training
-captions (McNemar p = 0.02) and -1.3 on held-out ones, over the 2-point gate; auto's split -1.0 and
--1.3, within it, at 1.5 times FP32's images/s; the super-resolution Unet alone in bf16 -0.8 and -0.3.
-How many base steps run bf16 mattered more than which: the reverse split (bf16 for the first
-quarter, FP32 after) lost -0.8 and 0.0, within the noise of auto's, and is slower (15 FP32 calls).
-The noisiest steps keep FP32 because there an error in the predicted noise weighs most on the
-predicted image: it is multiplied by sqrt((1 - alpha_bar_t) / alpha_bar_t), 25 to 175 over the demo's
-first quarter and below 16 after. A base Unet sampled from a table of continuous times
-(imagen-pytorch's) stays FP32 under auto: the split was measured on discrete schedules only.
+super-resolution Unets run bf16. It is a margin, not a measured need: bf16 blurs what guidance
+amplifies, the difference between the base Unet's text and null-text outputs (9e-2 relative on the
+demo, whose outputs are within 5.4e-3), and in the noisiest steps an error in the predicted noise
+weighs most on the predicted image (multiplied by sqrt((1 - alpha_bar_t) / alpha_bar_t): 25 to 175
+over the demo's first quarter, below 16 after). On the demo itself, paired with FP32 at n = 384 per
+split (docs/cpu-backends.md), auto's split and every Unet in bf16 both lose 0.0 points of exact match
+on training captions and 0.8 on held-out ones, within the 2-point gate; the split runs at 1.5 times
+FP32's images/s, every Unet in bf16 at 1.8. (Read with the analyser's earlier bounding-box rule,
+which misread squares, every Unet in bf16 looked 2.3 points worse on training captions.) A base Unet
+sampled from a table of continuous times (imagen-pytorch's) stays FP32 under auto: the split was
+measured on discrete schedules only. `--precision bf16` runs every Unet in bf16.
 `auto_plan` says which Unets `auto` may run in bf16, and how.
 
 The gate: per Unet, OpenVINO bf16 against ONNX Runtime FP32 on the stage's sample inputs
