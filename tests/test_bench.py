@@ -16,6 +16,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.cpu.report import END, START, write_report
+from bench.cpu.steps_vs_quality import newcombe, wilson
 from bench.cpu.suite import SECTIONS as CPU_SECTIONS
 from bench.cpu.workload import default_run_dir, same_run
 from bench.gpu.suite import SECTIONS as GPU_SECTIONS
@@ -85,8 +86,12 @@ def test_every_section_has_finite_numbers(bench_result):
         low, high = row["interval"]
         assert 0 <= low <= row["exact"] <= high <= 1
         _positive(row, "images_per_second", "steps", "unet_calls")
+        assert row["hits"] == round(row["exact"] * row["n"])
+        assert len(row["exact_per_seed"]) == len(four["config"]["seeds"])
     # rows of one step count make the same Unet calls
     assert len({r["unet_calls"] for r in four["rows"] if r["steps"] == four["rows"][1]["steps"]}) == 1
+    low, high = four["target"]["interval"]
+    assert low <= four["target"]["value"] <= high
     five = sections["5"]
     _positive(five, "cold_start_s.median", "import_s", "load_s", "peak_rss_mb_one_image", "peak_rss_mb_max_batch")
     assert five["torch_imported"] is False
@@ -102,6 +107,16 @@ def test_markdown_report_between_markers(bench_result):
         assert heading in report
     assert "Machine:" in report
     assert "| nan" not in report and "| inf" not in report
+
+
+def test_intervals_match_statsmodels():
+    """Wilson's interval and Newcombe's difference interval (method 10), against statsmodels'
+    proportion_confint(method="wilson") and confint_proportions_2indep(method="newcomb"); the first
+    difference is Newcombe's own worked example (56/70 - 48/80: 0.0524 to 0.3339)."""
+    assert wilson(189, 192) == pytest.approx((0.955075, 0.994672), abs=1e-6)
+    assert wilson(56, 70) == pytest.approx((0.691833, 0.876953), abs=1e-6)
+    assert newcombe(56, 70, 48, 80) == pytest.approx((0.052431, 0.333873), abs=1e-6)
+    assert newcombe(191, 192, 189, 192) == pytest.approx((-0.015423, 0.040028), abs=1e-6)
 
 
 def test_write_report_replaces_only_the_marked_block(tmp_path):

@@ -39,6 +39,9 @@ def parse_args(argv):
         default=None,
         help="section 4: captions per sampler and seed (default 96 at two seeds; quick 4 at one)",
     )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="section 4: seeds per sampler, 10,000 apart (default 2; quick 1)"
+    )
     parser.add_argument("--split", default="train", choices=["train", "heldout"], help="section 4: caption split")
     parser.add_argument("--runs", type=int, default=None, help="section 2: timed engine calls (default 10, quick 3)")
     parser.add_argument("--seed", type=int, default=0)

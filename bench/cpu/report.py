@@ -44,7 +44,10 @@ def _summary(sections: dict) -> list[str]:
         if "skipped" in section:
             rows.append([f"{key}. {title}", "skipped", "", ""])
         for t in _targets(section):
-            rows.append([f"{key}. {t['what']}", fmt(t["value"]) + t.get("unit", ""), t["goal"], t["met"]])
+            measured = fmt(t["value"]) + t.get("unit", "")
+            if "interval" in t:
+                measured += " (95% {:.1f} to {:.1f})".format(*t["interval"])
+            rows.append([f"{key}. {t['what']}", measured, t["goal"], t["met"]])
     return ["### Targets", ""] + table(["section", "measured", "target", "met"], rows)
 
 
@@ -179,11 +182,12 @@ def _steps_vs_quality(r: dict) -> list[str]:
         f"({c['n'] * len(seeds)} images per row), batch {c['batch']}, {c['threads']} threads; the schedule has "
         f"{c['timesteps']} timesteps. Every row uses the bundle's sr_strength ({c.get('sr_strength', 1.0)}): the "
         "super-resolution Unet runs that share of its steps. Rows of one step count make the same Unet calls. "
-        "The interval is the exact-match rate's 95% Wilson interval.",
+        "The interval is the exact-match rate's 95% Wilson interval; the target's interval is the difference's "
+        "(Newcombe's, from the two Wilson intervals).",
         "",
     ]
     return lines + table(
-        ["sampler", "steps / Unet", "Unet calls", "exact match", "95% interval", "images / s"],
+        ["sampler", "steps / Unet", "Unet calls", "exact match", "95% interval", "per seed", "images / s"],
         [
             [
                 row["config"],
@@ -191,6 +195,7 @@ def _steps_vs_quality(r: dict) -> list[str]:
                 row.get("unet_calls", ""),
                 f"{100 * row['exact']:.1f}%",
                 "-".join(f"{100 * v:.0f}%" for v in row.get("interval", [])),
+                ", ".join(f"{100 * v:.1f}" for v in row.get("exact_per_seed", [])),
                 row["images_per_second"],
             ]
             for row in r["rows"]

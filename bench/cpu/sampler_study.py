@@ -41,6 +41,7 @@ STUDY = {
     "DPM-Solver++(2M) SDE": ("dpmpp_2m_sde", {}),
     "Euler ancestral": ("euler_a", {}),
     "DDPM, every timestep": ("ddpm", {"steps": "all"}),
+    "DDPM 25": ("ddpm", {"steps": 25}),
     "DDPM 20": ("ddpm", {"steps": 20}),
     "DDPM 15": ("ddpm", {"steps": 15}),
 }
@@ -105,6 +106,8 @@ def study(bundle=None, *, threads: int = 2, n: int = 96, heldout_n: int = 48, se
         with swapped(changes, base_size):
             row = {"row": label, "sampler": sampler, **changes}
             for split, count in (("train", n), ("heldout", heldout_n)):
+                if count == 0:
+                    continue
                 hits = exact_matches(pipe, split, count, seeds, sampler, changes.get("guidance_scale"), steps)
                 total = count * len(seeds)
                 row[split] = {"exact": hits / total, "n": total, "interval": wilson(hits, total)}
@@ -135,7 +138,10 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         cells = []
         for split in ("train", "heldout"):
-            r = row[split]
+            r = row.get(split)
+            if r is None:
+                cells.append("-")
+                continue
             low, high = r["interval"]
             cells.append(f"{100 * r['exact']:.1f}% ({100 * low:.0f}-{100 * high:.0f}), n={r['n']}")
         lines.append(f"| {row['row']} | {cells[0]} | {cells[1]} |")
@@ -145,8 +151,8 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu.sampler_study", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=None, help="bundle folder (default: the embedded demo)")
-    parser.add_argument("--n", type=int, default=96, help="training captions per seed")
-    parser.add_argument("--heldout-n", type=int, default=48, help="held-out captions per seed")
+    parser.add_argument("--n", type=int, default=96, help="training captions per seed (0: none)")
+    parser.add_argument("--heldout-n", type=int, default=48, help="held-out captions per seed (0: none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", nargs="+", default=None, help="labels of STUDY to run (default: all)")

@@ -25,12 +25,24 @@ QUALITY_CONFIGS = [("DDPM, all timesteps", "ddpm", None)] + [
 SEED_STRIDE = 10_000
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """The 95% Wilson score interval of a binomial proportion."""
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def newcombe(hits_a: int, n_a: int, hits_b: int, n_b: int) -> tuple[float, float]:
+    """The 95% interval of the difference of two independent proportions, a - b (Newcombe's method 10:
+    the two Wilson intervals combined)."""
+    p_a, p_b = hits_a / n_a, hits_b / n_b
+    (low_a, high_a), (low_b, high_b) = wilson(hits_a, n_a), wilson(hits_b, n_b)
+    d = p_a - p_b
+    return d - math.hypot(p_a - low_a, high_b - p_b), d + math.hypot(high_a - p_a, p_b - low_b)
 
 
 def steps_vs_quality(
@@ -50,10 +62,11 @@ def steps_vs_quality(
     for label, sampler, steps in QUALITY_CONFIGS:
         # Explicit steps: None would mean the bundle's default steps, not every timestep.
         used = total if steps is None else min(steps, total)
-        hits, seconds, accuracy = 0, 0.0, {}
+        hits, seconds, accuracy, per_seed = 0, 0.0, {}, []
         for s in used_seeds:
             report = evaluate(pipe, split, n, batch_size=batch, seed=s, sampler=sampler, steps=used)
-            hits += round(report["accuracy"]["exact"] * n)
+            per_seed.append(round(report["accuracy"]["exact"] * n))
+            hits += per_seed[-1]
             seconds += n / report["images_per_second"]
             for key, value in report["accuracy"].items():
                 if key != "exact":
@@ -68,6 +81,9 @@ def steps_vs_quality(
                 "unet_calls": sum(pipe.model_calls(settings)),
                 "capped": steps is not None and steps > total,
                 "exact": hits / count,
+                "hits": hits,
+                "n": count,
+                "exact_per_seed": [h / n for h in per_seed],
                 "interval": list(wilson(hits, count)),
                 "accuracy": accuracy,
                 "images_per_second": count / seconds,
@@ -78,6 +94,7 @@ def steps_vs_quality(
         key=lambda r: r["exact"],
     )
     gap = 100 * (rows[0]["exact"] - best["exact"])
+    low, high = newcombe(rows[0]["hits"], rows[0]["n"], best["hits"], best["n"])
     return {
         "config": {
             "n": n,
@@ -95,5 +112,6 @@ def steps_vs_quality(
             "unit": " points",
             "goal": f"<= {TARGET_POINTS:.0f} point",
             "met": gap <= TARGET_POINTS,
+            "interval": [100 * low, 100 * high],
         },
     }

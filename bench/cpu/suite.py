@@ -61,7 +61,7 @@ def _sections(args, bundle: Path, run_dir, threads: int) -> dict:
             batch=8,
             split=args.split,
             seed=args.seed,
-            seeds=1 if quick else 2,
+            seeds=args.seeds or (1 if quick else 2),
         ),
         5: lambda: memory_and_cold_start(bundle, threads=threads, repeats=1 if quick else 5, steps=2 if quick else 10),
     }
