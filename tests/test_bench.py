@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.__main__ import main
@@ -117,6 +118,36 @@ def test_intervals_match_statsmodels():
     assert wilson(56, 70) == pytest.approx((0.691833, 0.876953), abs=1e-6)
     assert newcombe(56, 70, 48, 80) == pytest.approx((0.052431, 0.333873), abs=1e-6)
     assert newcombe(191, 192, 189, 192) == pytest.approx((-0.015423, 0.040028), abs=1e-6)
+
+
+def test_sampler_study_swaps_reach_the_runtime_and_are_put_back():
+    """Each factor the study swaps in is what the runtime then calls (with its own arguments), and
+    the runtime's functions are back afterwards."""
+    from bench.cpu.sampler_study import swapped
+    from imagen.runtime import bundle, guidance, pipeline, samplers
+
+    x0 = np.linspace(-3, 3, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    before = (guidance.dynamic_threshold, bundle.spaced_timesteps, pipeline.run_sampler)
+    with swapped({"threshold": "static"}, base_size=32):
+        np.testing.assert_array_equal(guidance.threshold(x0, "dynamic", 0.9, None), np.clip(x0, -1, 1))
+    with swapped({"threshold": "none"}, base_size=32):
+        np.testing.assert_array_equal(guidance.threshold(x0, "dynamic", 0.9, None), x0)
+    with swapped({"spacing": "trailing"}, base_size=32):
+        walked = bundle.spaced_timesteps(250, 25, 0.25, "linspace", 0)
+        assert walked == samplers.spaced_timesteps(250, 25, 0.25, "trailing") and walked[0] == 59
+    seen = []
+    with swapped({"sr_sampler": "ddpm"}, base_size=32):
+        fake = {"dpmpp_2m": lambda *a: seen.append("dpmpp_2m"), "ddpm": lambda *a: seen.append("ddpm")}
+        original = samplers.SAMPLERS.copy()
+        samplers.SAMPLERS.update(fake)
+        try:
+            pipeline.run_sampler("dpmpp_2m", None, np.zeros((1, 3, 32, 32)), None, [0], None)
+            pipeline.run_sampler("dpmpp_2m", None, np.zeros((1, 3, 64, 64)), None, [0], None)
+        finally:
+            samplers.SAMPLERS.clear()
+            samplers.SAMPLERS.update(original)
+    assert seen == ["dpmpp_2m", "ddpm"]
+    assert (guidance.dynamic_threshold, bundle.spaced_timesteps, pipeline.run_sampler) == before
 
 
 def test_write_report_replaces_only_the_marked_block(tmp_path):

@@ -6,7 +6,7 @@ thresholding of the data prediction (dynamic at the bundle's percentile, static 
 none), the guidance scale, the timestep spacing (linspace, as the runtime spaces them; trailing,
 which starts at T - 1 and never reaches 0), or the sampler of one stage only (the base Unet's or
 the super-resolution Unet's). Factors that are not request settings are swapped in for the row
-by replacing one runtime function (`guidance.dynamic_threshold`, `pipeline.spaced_timesteps`,
+by replacing one runtime function (`guidance.dynamic_threshold`, `bundle.spaced_timesteps`,
 `pipeline.run_sampler`) and put back after it; nothing else differs.
 
     python -m bench.cpu.sampler_study [--bundle DIR] [--n 96] [--heldout-n 48] [--seeds 0 1]
@@ -47,25 +47,24 @@ STUDY = {
 }
 
 
-def trailing_timesteps(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:
-    """diffusers' "trailing" spacing: round(arange(T, 0, -T / steps)) - 1, the last share kept."""
-    spaced = [int(t) for t in np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1]
-    return spaced if strength == 1 else spaced[-max(1, round(steps * strength)) :]
-
-
 @contextlib.contextmanager
 def swapped(changes: dict, base_size: int):
     """The runtime with this row's non-request factors swapped in, restored on the way out."""
-    from imagen.runtime import guidance, pipeline
+    from imagen.runtime import bundle, guidance, pipeline
 
-    saved = (guidance.dynamic_threshold, pipeline.spaced_timesteps, pipeline.run_sampler)
+    saved = (guidance.dynamic_threshold, bundle.spaced_timesteps, pipeline.run_sampler)
     threshold = changes.get("threshold", "dynamic")
     if threshold == "static":
-        guidance.dynamic_threshold = lambda x0, percentile: np.clip(x0, -1.0, 1.0)
+        guidance.dynamic_threshold = lambda x0, *_: np.clip(x0, -1.0, 1.0)
     elif threshold == "none":
-        guidance.dynamic_threshold = lambda x0, percentile: x0
+        guidance.dynamic_threshold = lambda x0, *_: x0
     if changes.get("spacing") == "trailing":
-        pipeline.spaced_timesteps = trailing_timesteps
+        space = saved[1]
+
+        def trailing(total, steps, strength=1.0, spacing="linspace", offset=0):
+            return space(total, steps, strength, "trailing", offset)
+
+        bundle.spaced_timesteps = trailing
     if "base_sampler" in changes or "sr_sampler" in changes:
         run = saved[2]
 
@@ -77,7 +76,7 @@ def swapped(changes: dict, base_size: int):
     try:
         yield
     finally:
-        guidance.dynamic_threshold, pipeline.spaced_timesteps, pipeline.run_sampler = saved
+        guidance.dynamic_threshold, bundle.spaced_timesteps, pipeline.run_sampler = saved
 
 
 def exact_matches(pipe, split: str, n: int, seeds, sampler: str, guidance_scale, steps) -> int:
