@@ -1,6 +1,6 @@
 """The built-in `shapes` data set and a prompt-adherence evaluator over it."""
 
-from .analyse import DetectedObject, analyse, score
+from .analyse import DetectedObject, analyse, background_error, score
 from .scenes import ATTRIBUTES, COLOURS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, Scene, ShapesDataset, captions, render
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Scene",
     "ShapesDataset",
     "analyse",
+    "background_error",
     "captions",
     "render",
     "score",

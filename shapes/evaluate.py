@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .analyse import analyse, score
+from .analyse import analyse, background_error, score
 from .scenes import ATTRIBUTES, captions
 
 
@@ -24,7 +24,8 @@ def evaluate(
     sr_strength: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Accuracy per attribute and the exact-match rate over n captions of `split`.
+    """Accuracy per attribute and the exact-match rate over n captions of `split`, and the mean
+    `background_error` (how far the backgrounds are from the training images' plain one).
 
     Image i is made with seed `seed + i` (batched `batch_size` at a time, each batch with
     its first image's seed), so a report is reproducible on the same bundle and machine.
@@ -55,6 +56,7 @@ def evaluate(
                     "expected": scene.labels(),
                     "found": objects[0].labels() if objects else None,
                     **score(scene.labels(), objects),
+                    "background": background_error(image),
                 }
             )
             images.append(image)
@@ -68,6 +70,7 @@ def evaluate(
         "n": n,
         "settings": settings,
         "accuracy": accuracy,
+        "background_error": float(np.mean([r["background"] for r in rows])),
         "images_per_second": n / generating,
         "seconds": time.perf_counter() - start,
         "rows": rows,
@@ -97,7 +100,10 @@ def format_report(report: dict) -> str:
     acc = report["accuracy"]
     cells = "  ".join(f"{name} {acc[name] * 100:5.1f}%" for name in (*ATTRIBUTES, "exact"))
     settings = report.get("settings")
-    line = f"{report['split']:8s} n={report['n']:<5d} {cells}  {report['images_per_second']:.2f} images/s"
+    line = (
+        f"{report['split']:8s} n={report['n']:<5d} {cells}  background {report['background_error']:.1f}  "
+        f"{report['images_per_second']:.2f} images/s"
+    )
     if settings:
         line += (
             f"  ({settings['sampler']}, steps {settings['steps']}, guidance {settings['guidance_scale']}, "

@@ -8,7 +8,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from imagen.shapes import ATTRIBUTES, HELDOUT_PAIRS, ShapesDataset, analyse, captions, render, score
+from imagen.shapes import (
+    ATTRIBUTES,
+    HELDOUT_PAIRS,
+    ShapesDataset,
+    analyse,
+    background_error,
+    captions,
+    render,
+    score,
+)
 from imagen.shapes.cli import main as eval_main
 from imagen.shapes.evaluate import evaluate, make_grid
 from imagen.shapes.scenes import BACKGROUND, scene_from_caption
@@ -46,6 +55,20 @@ def test_a_stray_pixel_beyond_an_edge_does_not_change_the_shape(shape, size):
     if shape == "square" and size == "small":
         fill = (len(ys) + 2) / ((bottom - top + 2) * (right - left + 2))
         assert fill < 0.89  # what the bounding-box rule read as a circle
+
+
+def test_background_error_is_zero_on_renders_and_reads_noise_and_tint():
+    """0 on ground-truth renders (the anti-aliased rim is left out); noise of RMS 8 per channel on the
+    background (half-normal, darkening, so nothing clips at 255) reads 8 * sqrt(3) = 13.9 within 5%; a
+    uniform tint of (-30, -10, 0) reads its length, 31.6."""
+    data = ShapesDataset(seed=3, image_size=64, length=40)
+    assert max(background_error(data[i][0]) for i in range(40)) == 0.0
+    pixels = np.array(data[0][0], dtype=np.float64)
+    plain = np.all(pixels == BACKGROUND, axis=2)
+    noisy = pixels - np.abs(np.random.default_rng(0).normal(0, 8, pixels.shape)) * plain[..., None]
+    assert background_error(noisy.round().astype(np.uint8)) == pytest.approx(8 * np.sqrt(3), rel=0.05)
+    tinted = pixels - np.array([30, 10, 0]) * plain[..., None]
+    assert background_error(tinted.astype(np.uint8)) == pytest.approx(np.sqrt(30**2 + 10**2), rel=1e-3)
 
 
 def test_dataset_is_reproducible_per_index_and_splits_are_disjoint():
@@ -95,6 +118,7 @@ class _RenderingPipeline:
 def test_evaluate_counts_agreement():
     perfect = evaluate(_RenderingPipeline(), "train", 20, batch_size=8, seed=5)
     assert perfect["accuracy"] == {name: 1.0 for name in (*ATTRIBUTES, "exact")}
+    assert perfect["background_error"] == 0.0
     blank_pipeline = _RenderingPipeline(blank=True)
     blank = evaluate(blank_pipeline, "heldout", 10, batch_size=4)
     assert blank["accuracy"]["exact"] == 0.0 and blank["accuracy"]["colour"] == 0.0

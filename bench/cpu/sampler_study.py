@@ -44,6 +44,9 @@ STUDY = {
     "DDPM 25": ("ddpm", {"steps": 25}),
     "DDPM 20": ("ddpm", {"steps": 20}),
     "DDPM 15": ("ddpm", {"steps": 15}),
+    "DDPM 10": ("ddpm", {"steps": 10}),
+    "DDPM 8": ("ddpm", {"steps": 8}),
+    "DDPM 6": ("ddpm", {"steps": 6}),
 }
 
 
@@ -79,17 +82,19 @@ def swapped(changes: dict, base_size: int):
         guidance.dynamic_threshold, bundle.spaced_timesteps, pipeline.run_sampler = saved
 
 
-def exact_matches(pipe, split: str, n: int, seeds, sampler: str, guidance_scale, steps) -> int:
+def exact_matches(pipe, split: str, n: int, seeds, sampler: str, guidance_scale, steps) -> tuple[int, float]:
+    """Exact matches over n captions at each seed, and the mean background error."""
     from imagen.shapes.evaluate import evaluate
 
     batch = min(8, pipe.bundle.max_batch)
-    total = 0
+    total, background = 0, 0.0
     for seed in seeds:
         report = evaluate(
             pipe, split, n, batch_size=batch, seed=seed, sampler=sampler, guidance_scale=guidance_scale, steps=steps
         )
         total += round(report["accuracy"]["exact"] * n)
-    return total
+        background += report["background_error"] / len(seeds)
+    return total, background
 
 
 def study(bundle=None, *, threads: int = 2, n: int = 96, heldout_n: int = 48, seeds=(0,), rows=None) -> dict:
@@ -107,9 +112,16 @@ def study(bundle=None, *, threads: int = 2, n: int = 96, heldout_n: int = 48, se
             for split, count in (("train", n), ("heldout", heldout_n)):
                 if count == 0:
                     continue
-                hits = exact_matches(pipe, split, count, seeds, sampler, changes.get("guidance_scale"), steps)
+                hits, background = exact_matches(
+                    pipe, split, count, seeds, sampler, changes.get("guidance_scale"), steps
+                )
                 total = count * len(seeds)
-                row[split] = {"exact": hits / total, "n": total, "interval": wilson(hits, total)}
+                row[split] = {
+                    "exact": hits / total,
+                    "n": total,
+                    "interval": wilson(hits, total),
+                    "background_error": background,
+                }
         row["seconds"] = time.perf_counter() - start
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -131,7 +143,7 @@ def markdown(report: dict) -> str:
         f"({calls} Unet calls), sr_strength {report['sr_strength']}, guidance {report['guidance_scale']} "
         f"unless the row says otherwise; seeds {report['seeds']}.",
         "",
-        "| row | train exact (95% CI) | held-out exact (95% CI) |",
+        "| row | train exact (95% CI), background error | held-out exact (95% CI), background error |",
         "|---|---|---|",
     ]
     for row in report["rows"]:
@@ -142,7 +154,9 @@ def markdown(report: dict) -> str:
                 cells.append("-")
                 continue
             low, high = r["interval"]
-            cells.append(f"{100 * r['exact']:.1f}% ({100 * low:.0f}-{100 * high:.0f}), n={r['n']}")
+            cells.append(
+                f"{100 * r['exact']:.1f}% ({100 * low:.0f}-{100 * high:.0f}), n={r['n']}, {r['background_error']:.2f}"
+            )
         lines.append(f"| {row['row']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
