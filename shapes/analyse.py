@@ -97,23 +97,32 @@ def _classify_shape(mask: np.ndarray, cx: float, cy: float) -> tuple[str, float]
     return best, overlaps[best]
 
 
-def analyse(image) -> list[DetectedObject]:
-    """The objects in an image (PIL or uint8 (h, w, 3)), largest first."""
+def _pixels(image) -> np.ndarray:
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected an RGB image (h, w, 3), got shape {pixels.shape}")
+    return pixels
+
+
+def _objects(pixels: np.ndarray) -> list[np.ndarray]:
+    """The objects' pixels (flat indices), largest first: components farther than FOREGROUND_DISTANCE
+    from the border's median colour, of at least MIN_AREA."""
     h, w, _ = pixels.shape
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    mask = np.linalg.norm(pixels - background, axis=2) > FOREGROUND_DISTANCE
+    mask = np.linalg.norm(pixels - np.median(border, axis=0), axis=2) > FOREGROUND_DISTANCE
+    return [members for members in _components(mask) if len(members) / (h * w) >= MIN_AREA]
+
+
+def analyse(image) -> list[DetectedObject]:
+    """The objects in an image (PIL or uint8 (h, w, 3)), largest first."""
+    pixels = _pixels(image)
+    h, w, _ = pixels.shape
     palette_names = list(COLOURS)
     palette = np.array([COLOURS[c] for c in palette_names], dtype=np.float32)
     anchors = np.array([POSITIONS[p][0] for p in POSITIONS])
     objects = []
-    for members in _components(mask):
+    for members in _objects(pixels):
         area = len(members) / (h * w)
-        if area < MIN_AREA:
-            break
         ys, xs = np.divmod(members, w)
         colour = np.median(pixels[ys, xs], axis=0)  # median: the anti-aliased rim does not pull it
         colour_name = palette_names[int(np.argmin(np.linalg.norm(palette - colour, axis=1)))]
@@ -144,19 +153,21 @@ def analyse(image) -> list[DetectedObject]:
 
 def background_error(image) -> float:
     """How far the background is from the plain one every training image has: the RMS RGB distance
-    (0-255 units) from `BACKGROUND` over the pixels farther than RIM from any object pixel. 0 on a
-    render; a tinted or speckled background reads higher (Gaussian noise of sigma s per channel
-    reads about s * sqrt(3))."""
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=2)
-    grown = np.pad(distance > FOREGROUND_DISTANCE, RIM)
-    h, w = distance.shape
+    (0-255 units) from `BACKGROUND` over the pixels farther than RIM from every object `analyse`
+    finds (the whole image when it finds none). 0 on a render; a tinted or speckled background reads
+    higher (noise of RMS s per channel reads s * sqrt(3))."""
+    pixels = _pixels(image)
+    h, w, _ = pixels.shape
+    objects = np.zeros(h * w, dtype=bool)
+    for members in _objects(pixels):
+        objects[members] = True
+    grown = np.pad(objects.reshape(h, w), RIM)
     near = np.zeros((h, w), dtype=bool)
     for dy in range(2 * RIM + 1):
         for dx in range(2 * RIM + 1):
             near |= grown[dy : dy + h, dx : dx + w]
-    background = distance[~near]
-    return float(np.sqrt(np.mean(background**2))) if background.size else float("nan")
+    distance = np.linalg.norm(pixels[~near] - np.array(BACKGROUND, dtype=np.float32), axis=1)
+    return float(np.sqrt(np.mean(distance**2)))
 
 
 def score(expected: dict, objects: list[DetectedObject]) -> dict:
